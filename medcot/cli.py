@@ -1,0 +1,94 @@
+"""What every job shares: argument parsing, logging with secret redaction, and clean exits on user errors.
+
+    python jobs/<job>.py --config configs/demo.yaml [--run-name NAME] [--force] [KEY=VALUE ...]
+    python jobs/<job>.py --config FILE --help      # every key with the value FILE gives it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from medcot.config import ConfigError, RunConfig, describe, load_config
+from medcot.secrets import RedactingFilter, load_secrets_into_env, redact
+
+log = logging.getLogger("medcot")
+
+# Errors a user can cause and fix; anything else is our bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def register_user_error(*types: type[BaseException]) -> None:
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + types
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on every CPU import about optional kernels we do not use there.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def build_parser(job: str, doc: str | None, extra: Callable[[argparse.ArgumentParser], None] | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"jobs/{job}.py", description=doc, add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="KEY=VALUE overrides any config key, e.g. training.max_steps=30 lora.r=8",
+    )
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults are the reference recipe")
+    parser.add_argument("--run-name", help="override run_name (the run directory under output_dir)")
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--force", action="store_true", help="redo a finished stage whose config or inputs changed")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key with its value")
+    if extra:
+        extra(parser)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return parser
+
+
+def parse_job_args(job: str, doc: str | None = None, argv: list[str] | None = None,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[RunConfig, argparse.Namespace]:
+    parser = build_parser(job, doc, extra)
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.run_name:
+        overrides.append(f"run_name={args.run_name}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        if args.help:
+            parser.print_help()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.help:
+        parser.print_help()
+        print(f"\nconfig keys (values from {args.config or 'defaults'}):")
+        print(describe(config))
+        raise SystemExit(0)
+    return config, args
+
+
+def run_job(main: Callable[[], int | None]) -> None:
+    """Run a job's main(); user errors print one clear message (secrets masked) and exit 1."""
+    setup_logging()
+    load_secrets_into_env()
+    try:
+        code = main()
+    except USER_ERRORS as e:
+        log.error("%s", redact(str(e)))
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)

@@ -1,0 +1,275 @@
+"""One typed schema for a run: defaults, types, docs, CLI overrides and the saved resolved config.
+
+A config is a YAML file whose keys mirror `RunConfig` below. Names follow transformers/TRL/peft
+(`per_device_train_batch_size`, `lora_alpha`, `target_modules`). Secrets never live here: they come
+from the environment, `/run/secrets/*` or `.env` (see `medcot.secrets`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with a config file or an override: the message says where and what to do."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are refused: a misspelled `lora_alpa` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "unsloth/DeepSeek-R1-Distill-Llama-8B",
+        description="Hub model id, a local model folder, or 'embedded:smollm2-135m-instruct' (ships with medcot).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the model.")
+    max_seq_length: int = Field(2048, gt=0, description="Longest training text in tokens; longer rows are dropped.")
+    load_in_4bit: bool = Field(True, description="Load the base weights in 4-bit NF4 (QLoRA). Needs a CUDA GPU.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype: auto = bf16 where the GPU supports it, else fp16; fp32 on CPU."
+    )
+    backend: Literal["auto", "unsloth", "transformers"] = Field(
+        "auto", description="auto = Unsloth when a CUDA GPU is present and unsloth imports, else transformers+peft."
+    )
+
+
+class ColumnsConfig(_Section):
+    question: str = Field("Question", description="Column holding the question.")
+    cot: str = Field("Complex_CoT", description="Column holding the chain of thought.")
+    response: str = Field("Response", description="Column holding the final answer.")
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "FreedomIntelligence/medical-o1-reasoning-SFT",
+        description="Hub dataset id, or a local .jsonl/.json/.parquet/.csv file.",
+    )
+    name: str | None = Field("en", description="Hub dataset config name (ignored for local files).")
+    split: str = Field("train", description="Dataset split to read.")
+    revision: str | None = Field(None, description="Hub revision of the dataset.")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    train_rows: int | None = Field(
+        500, gt=0, description="Train on the first N rows of the split (null = every row not held out)."
+    )
+    heldout_rows: int = Field(
+        100, ge=0, description="Rows right after the training rows, held out for evaluation; training never sees them."
+    )
+    max_drop_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Fail if more than this share of rows is dropped as invalid."
+    )
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = lora_alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linear layers that get adapters; each must exist in the model.",
+    )
+    use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
+        "unsloth",
+        description="true, false, or 'unsloth' (Unsloth's offloaded checkpointing; plain checkpointing elsewhere).",
+    )
+    random_state: int = Field(3407, description="Seed for the adapter's initial weights.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")
+    loftq: bool = Field(False, description="LoftQ initialisation (not in the recipe).")
+
+
+class TrainingConfig(_Section):
+    per_device_train_batch_size: int = Field(2, gt=0, description="Rows per micro-batch per device.")
+    gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    max_steps: int = Field(60, gt=0, description="Optimizer steps to train.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optim: str = Field("adamw_8bit", description="transformers optimizer name; 8-bit ones fall back to adamw_torch on CPU.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    seed: int = Field(3407, description="Seed for data order and dropout.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 where supported, else fp16 on GPU; fp32 on CPU."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
+    save_steps: int = Field(20, gt=0, description="Checkpoint every N optimizer steps (resume point after a crash).")
+    save_total_limit: int = Field(2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a cut-off save).")
+    loss_on: Literal["all", "response"] = Field(
+        "all", description="Supervise the whole text (as the recipe) or only the response after '### Response:'."
+    )
+    packing: bool = Field(False, description="Pack rows into full-length sequences (changes rows per step).")
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingConfig:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
+        return self
+
+
+class McqSourceConfig(_Section):
+    path: str = Field(description="Hub dataset id or local .jsonl/.json/.parquet/.csv of multiple-choice rows.")
+    name: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("test", description="Split to read.")
+    limit: int | None = Field(None, gt=0, description="Use the first N rows.")
+    question_column: str = Field("question", description="Column holding the stem.")
+    options_column: str = Field("options", description="Column holding a {letter: text} mapping or a list.")
+    answer_column: str = Field("answer", description="Column holding the correct letter.")
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(1200, gt=0, description="Generation budget per answer.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together (left padding).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
+    heldout_limit: int | None = Field(None, gt=0, description="Generate for at most N held-out rows (null = all).")
+    showcase_questions: list[str] = Field(
+        [
+            "A 61-year-old woman with a long history of involuntary urine loss during activities like coughing or "
+            "sneezing but no leakage at night undergoes a gynecological exam and Q-tip test. Based on these "
+            "findings, what would cystometry most likely reveal about her residual volume and detrusor "
+            "contractions?"
+        ],
+        description="Questions answered before and after training and shown side by side in the report.",
+    )
+    mcq: list[McqSourceConfig] = Field(default_factory=list, description="Multiple-choice benchmarks to score.")
+
+
+class MergeConfig(_Section):
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the merged weights.")
+
+
+class PushConfig(_Section):
+    repo_id: str | None = Field(None, description="Hub repo to publish to, 'namespace/name'. Required to push.")
+    private: bool = Field(True, description="Create the repo private.")
+    what: list[Literal["adapter", "merged"]] = Field(["adapter", "merged"], min_length=1, description="What to upload.")
+    allow_foreign_repo: bool = Field(False, description="Allow pushing into an existing repo that medcot did not create.")
+
+
+class TrackingConfig(_Section):
+    report_to: Literal["auto", "wandb", "none"] = Field(
+        "auto", description="auto = W&B online when WANDB_API_KEY is set, else W&B offline files in the run directory."
+    )
+    wandb_project: str = Field("Fine-tune-DeepSeek-R1-Distill-Llama-8B on Medical COT Dataset", description="W&B project.")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user).")
+
+
+class RunConfig(_Section):
+    run_name: str = Field(
+        "deepseek-r1-distill-llama-8b-medical", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of the run directory."
+    )
+    output_dir: str = Field("outputs", description="Parent folder of run directories.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    push: PushConfig = Field(default_factory=PushConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections: a stage's identity for skip/redo decisions."""
+        data = self.to_dict()
+        payload = json.dumps({s: data[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=30` -> (['training', 'max_steps'], 30). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (for example training.max_steps=30)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config ({error.error_count()} problem{'s' * (error.error_count() > 1)}):"]
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; check its spelling (`python jobs/train.py --config FILE --help` lists every key)")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply KEY=VALUE overrides, validate. Raises ConfigError naming file and key."""
+    source = str(path) if path else "defaults"
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file (see configs/)")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    for item in overrides:
+        key_path, value = parse_override(item)
+        _set_path(tree, key_path, value)
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def describe(config: RunConfig) -> str:
+    """Every key with its value and documentation: what `--help` prints after the usage line."""
+    lines: list[str] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            key = f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                lines.append(f"\n[{key}]")
+                walk(value, key + ".")
+            else:
+                shown = json.dumps(value) if not isinstance(value, str) else value
+                if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+                    shown = json.dumps([v.model_dump() for v in value])
+                lines.append(f"  {key} = {shown}\n      {field.description or ''}")
+
+    walk(config, "")
+    return "\n".join(lines)

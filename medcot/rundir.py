@@ -1,0 +1,206 @@
+"""The run directory: how stages hand work to each other without ever reading half-written output.
+
+Layout of `<output_dir>/<run_name>/`:
+    config.yaml          resolved config of the latest job (no secrets)
+    checkpoints/         the train job's working area (resume points), not a stage output
+    eval-before/ train/ eval-after/ merge/ push/    published stage outputs, each with manifest.json
+
+A stage writes into `.staging/<stage>-<random>/` and is published by one atomic rename once its
+manifest is written. A stage folder without `manifest.json` was never published and is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STAGES = ("eval-before", "train", "eval-after", "merge", "push")
+# What to run to produce each stage, for messages.
+PRODUCER = {
+    "eval-before": "the evaluate job with --stage before (make evaluate STAGE=before)",
+    "train": "the train job (make train)",
+    "eval-after": "the evaluate job with --stage after (make evaluate STAGE=after)",
+    "merge": "the merge job (make merge)",
+    "push": "the push job (make push)",
+}
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or publish: missing inputs, or a finished stage that conflicts with the config."""
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("medcot", "torch", "transformers", "trl", "peft", "datasets", "bitsandbytes", "unsloth"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def hash_tree(path: Path) -> str:
+    """Content hash of a file or folder (names and bytes), ignoring the manifest itself."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    stage: str
+    config_hash: str
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> content or manifest hash
+    started_at: str = ""
+    finished_at: str = ""
+    duration_s: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def identity(self) -> str:
+        """What a later stage records as this stage's hash: config and inputs, not timings."""
+        return hashlib.sha256(json.dumps([self.stage, self.config_hash, self.inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def manifest(self, name: str) -> Manifest | None:
+        path = self.stage(name) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return Manifest.read(path)
+        except (json.JSONDecodeError, TypeError):
+            return None
+
+    def is_complete(self, name: str) -> bool:
+        return self.manifest(name) is not None
+
+    def require(self, name: str, needed_by: str) -> Manifest:
+        """The manifest of a finished stage, or a StageError that says which job to run first."""
+        manifest = self.manifest(name)
+        if manifest is None:
+            state = "is incomplete (no manifest.json)" if self.stage(name).exists() else "does not exist"
+            raise StageError(
+                f"{needed_by} needs the '{name}' stage, but {self.stage(name)} {state}; run {PRODUCER.get(name, name)} first"
+            )
+        return manifest
+
+    def check_done(self, name: str, config_hash: str, inputs: dict[str, str], force: bool) -> bool:
+        """True when the stage is already published with this config and inputs (the job has nothing to do).
+        A published stage with another config or inputs is refused unless `force`, never mixed."""
+        manifest = self.manifest(name)
+        if manifest is None:
+            return False
+        if manifest.config_hash == config_hash and manifest.inputs == inputs:
+            return True
+        if not force:
+            changed = "config" if manifest.config_hash != config_hash else "inputs (" + ", ".join(
+                sorted(k for k in set(inputs) | set(manifest.inputs) if inputs.get(k) != manifest.inputs.get(k))) + ")"
+            raise StageError(
+                f"stage '{name}' in {self.root} was finished with a different {changed}; "
+                f"pass --force to redo it, or choose another run_name to keep both"
+            )
+        return False
+
+    @contextlib.contextmanager
+    def publishing(self, name: str, config_hash: str, inputs: dict[str, str] | None = None) -> Iterator[tuple[Path, Manifest]]:
+        """Yield a fresh staging folder and its manifest; on clean exit publish it as `<root>/<name>` atomically.
+
+        On an exception the staging folder is removed and any earlier published result stays as it was.
+        """
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        manifest = Manifest(stage=name, config_hash=config_hash, inputs=dict(inputs or {}),
+                            started_at=_now(), versions=versions())
+        t0 = time.monotonic()
+        try:
+            yield tmp, manifest
+            manifest.finished_at = _now()
+            manifest.duration_s = round(time.monotonic() - t0, 2)
+            _write_json_atomic(tmp / MANIFEST, manifest.__dict__)
+            _fsync_dir(tmp)
+            self._swap_in(tmp, self.stage(name))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _swap_in(self, new: Path, final: Path) -> None:
+        if final.exists():
+            # Two renames: the old result is moved aside whole, then the new one takes its name. A crash
+            # between them leaves no published stage (safe: it is redone), never a mixture.
+            trash = final.with_name(f".old-{final.name}-{os.getpid()}-{time.time_ns()}")
+            os.replace(final, trash)
+            os.replace(new, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(new, final)
+        _fsync_dir(final.parent)
+
+    def clean_staging(self) -> None:
+        """Remove leftovers of stages killed mid-write; they were never published."""
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+        for old in self.root.glob(".old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (tmp file, fsync, rename), so a reader sees the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, data)

@@ -1,0 +1,388 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: tokenization and masking, checkpoints that survive
+preemption, progress a person can read, and the summary the later stages and the report use.
+
+Checkpoint rule: transformers resumes from the highest-numbered `checkpoint-*` folder even when its save
+was cut off. We mark a checkpoint complete (`medcot-complete`) only after the trainer has written all of
+it, resume only from marked ones, and delete unmarked ones before resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import resource
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PrinterCallback, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from medcot.config import RunConfig
+from medcot.data import Example
+from medcot.modeling import Runtime
+from medcot.prompts import split_training_text
+from medcot.secrets import redact
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARK = "medcot-complete"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def tokenize_example(ex: Example, tokenizer) -> dict[str, list[int]]:
+    """input_ids of the training text with EOS as the last token, and a mask of the completion tokens.
+
+    The EOS id is appended as a token, not as text, so the model is supervised to emit exactly the id
+    that generation stops on. The completion starts where the tokenized prompt and the tokenized whole
+    text diverge (the prompt ends on a newline, so this is the token after `### Response:\\n`).
+    """
+    prompt, completion = split_training_text(ex.question, ex.cot, ex.response, eos_token="")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    n_prompt = 0
+    while n_prompt < len(prompt_ids) and prompt_ids[n_prompt] == ids[n_prompt]:
+        n_prompt += 1
+    return {"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)}
+
+
+def build_dataset(examples: list[Example], tokenizer) -> Dataset:
+    return Dataset.from_list([tokenize_example(ex, tokenizer) for ex in examples])
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Marked checkpoints, oldest first."""
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        m = _CHECKPOINT_RE.match(path.name)
+        if m and (path / COMPLETE_MARK).is_file():
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
+    """Remove checkpoint folders whose save never finished, so nothing resumes from them."""
+    removed = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        if path.is_dir() and not (path / COMPLETE_MARK).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once the trainer has finished writing it (on_save runs after)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if path.is_dir() and state.is_world_process_zero:
+            (path / COMPLETE_MARK).write_text(f"{state.global_step}\n")
+        return control
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM/SIGINT (spot preemption, `docker stop`, Ctrl-C): finish the current step, save a
+    checkpoint, stop. The job then exits non-zero and says how to resume."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:  # a second signal: the user insists
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after the current step, then stopping", self.signal_name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class ProgressLog(TrainerCallback):
+    """One line per logging step: loss, learning rate, tokens/s, memory, ETA."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.t0 = 0.0
+        self.step0 = 0
+        self.tokens0 = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return control
+        elapsed = time.monotonic() - self.t0
+        steps = max(state.global_step - self.step0, 1)
+        tokens_per_s = (state.num_input_tokens_seen - self.tokens0) / max(elapsed, 1e-9)
+        eta = (state.max_steps - state.global_step) * elapsed / steps
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %s  eta %s",
+            state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0),
+            tokens_per_s, memory_text(self.device), _duration(eta),
+        )
+        return control
+
+
+def peak_memory_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    # ru_maxrss is KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory_text(device: str) -> str:
+    return f"peak {'GPU' if device == 'cuda' else 'RSS'} {peak_memory_gib(device):.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---- trainer ---------------------------------------------------------------------------------------
+
+def _precision(config: RunConfig, runtime: Runtime) -> dict[str, bool]:
+    choice = config.training.precision
+    if runtime.device != "cuda":
+        return {"bf16": False, "fp16": False}
+    if choice == "auto":
+        choice = "bf16" if runtime.dtype_name == "bfloat16" else "fp16"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def _optimizer(name: str, runtime: Runtime) -> str:
+    if runtime.device != "cuda" and ("8bit" in name or "bnb" in name):
+        log.warning("training.optim=%s needs bitsandbytes on CUDA; using adamw_torch on CPU", name)
+        return "adamw_torch"
+    return name
+
+
+def report_to(config: RunConfig) -> list[str]:
+    import os
+
+    choice = config.tracking.report_to
+    if choice == "none":
+        return []
+    if choice == "auto" and not os.environ.get("WANDB_API_KEY"):
+        log.info("tracking: WANDB_API_KEY not set; W&B runs offline into the run directory (wandb sync uploads it later)")
+        os.environ["WANDB_MODE"] = "offline"
+    return ["wandb"]
+
+
+def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFTConfig:
+    t = config.training
+    gc = config.lora.use_gradient_checkpointing
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        run_name=config.run_name,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        warmup_steps=t.warmup_steps,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        optim=_optimizer(t.optim, runtime),
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=report_to(config),
+        # TRL's max_length defaults to 1024 and truncates silently; rows are already checked to fit.
+        max_length=config.model.max_seq_length,
+        packing=t.packing,
+        completion_only_loss=t.loss_on == "response",
+        dataset_num_proc=None,
+        dataloader_num_workers=t.dataloader_num_workers,
+        # Unsloth's own gradient checkpointing is set on the model by get_peft_model.
+        gradient_checkpointing=bool(gc) and runtime.backend == "transformers",
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=runtime.device != "cuda",
+        disable_tqdm=not sys.stderr.isatty(),
+        save_only_model=False,
+        **_precision(config, runtime),
+    )
+
+
+def build_trainer(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds: Dataset,
+                  checkpoint_dir: Path, callbacks: list[TrainerCallback]) -> SFTTrainer:
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by the attention mask, not by token id, in TRL's collator, so the
+        # EOS labels survive even when pad == EOS (checked in tests/test_training.py).
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(config, runtime, checkpoint_dir),
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    # ProgressLog prints the same numbers with units and ETA; the trainer's raw dict printer is noise.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds: Dataset,
+                 checkpoint_dir: Path) -> tuple[SFTTrainer, dict[str, Any], str | None]:
+    """Train (resuming from the last complete checkpoint); returns trainer, summary and the stop signal if any."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for path in discard_incomplete_checkpoints(checkpoint_dir):
+        log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
+    complete = complete_checkpoints(checkpoint_dir)
+    resume = complete[-1] if complete else None
+    if resume:
+        log.info("resuming from %s", resume)
+
+    stop = GracefulStop()
+    trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir,
+                            [CheckpointMarker(), ProgressLog(runtime.device), stop])
+    if runtime.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stop.install()
+    t0 = time.monotonic()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.uninstall()
+    runtime_s = time.monotonic() - t0
+    state = trainer.state
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
+    tokens = state.num_input_tokens_seen
+    summary = {
+        "backend": runtime.backend,
+        "device": runtime.device,
+        "dtype": runtime.dtype_name,
+        "load_in_4bit": runtime.load_in_4bit,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "resumed_from": resume.name if resume else None,
+        "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
+        "losses": losses,
+        "log_history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in state.log_history],
+        "train_runtime_s": round(runtime_s, 2),
+        "train_tokens": int(tokens),
+        "train_tokens_per_s": round(tokens / runtime_s, 1) if runtime_s > 0 else None,
+        "peak_memory_gib": round(peak_memory_gib(runtime.device), 2),
+        "peak_memory_kind": "cuda_max_allocated" if runtime.device == "cuda" else "process_max_rss",
+        "global_batch_size": config.training.per_device_train_batch_size * config.training.gradient_accumulation_steps
+        * trainer.args.world_size,
+    }
+    return trainer, summary, stop.signal_name
+
+
+def save_adapter(model, tokenizer, folder: Path) -> None:
+    """The LoRA adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    for leftover in folder.glob("README.md"):
+        # peft writes a template model card that names no medcot provenance; the push job writes the real one.
+        leftover.unlink()
+
+
+def scrub(text: str) -> str:
+    return redact(text)
+
+
+# ---- the train stage -------------------------------------------------------------------------------
+
+STAGE_SECTIONS = ("model", "data", "lora", "training")
+
+
+def data_inputs(config: RunConfig) -> dict[str, str]:
+    """Content hash of a local data file, so an edited file is not mistaken for the one trained on."""
+    from medcot.rundir import hash_tree
+
+    path = Path(config.data.path)
+    return {"data": hash_tree(path)} if path.is_file() else {}
+
+
+def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
+    """The train job: prepare data, load model + LoRA, train with resume, publish `train/` atomically."""
+    from medcot.config import save_config
+    from medcot.data import prepare
+    from medcot.modeling import add_lora, check_target_modules, load_model, load_tokenizer, resolve_model_path
+    from medcot.rundir import RunDir, write_json
+
+    run = RunDir(config.run_dir)
+    config_hash = config.section_hash(*STAGE_SECTIONS)
+    inputs = data_inputs(config)
+    if run.check_done("train", config_hash, inputs, force):
+        log.info("train: already finished in %s with this config and data; nothing to do (--force redoes it)", run.stage("train"))
+        return 0
+    check_target_modules(config)
+
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, run.root / "config.yaml")
+    ckpt = run.checkpoints
+    owner = ckpt / "config_hash"
+    if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash:
+        if not force:
+            from medcot.rundir import StageError
+
+            raise StageError(
+                f"{ckpt} holds checkpoints of a run with a different config; pass --force to discard them "
+                f"and start over, or choose another run_name"
+            )
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    owner.write_text(config_hash + "\n")
+
+    tokenizer = load_tokenizer(resolve_model_path(config.model.name), config.model.revision)
+    data = prepare(config.data, tokenizer, config.model.max_seq_length)
+    log.info("%s", data.report.summary())
+
+    t_load = time.monotonic()
+    model, tokenizer = load_model(config, runtime, for_training=True)
+    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    load_s = time.monotonic() - t_load
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("model loaded in %.1f s; %.2f M trainable LoRA parameters", load_s, trainable / 1e6)
+
+    trainer, summary, stopped_by = run_training(config, runtime, model, tokenizer, build_dataset(data.train, tokenizer), ckpt)
+    if stopped_by:
+        done = complete_checkpoints(ckpt)
+        log.error(
+            "train: stopped by %s at step %d/%d; checkpoint %s saved. Rerun the same command to resume from it.",
+            stopped_by, summary["global_step"], summary["max_steps"], done[-1].name if done else "(none)",
+        )
+        return 143 if stopped_by == "SIGTERM" else 130
+
+    summary.update(model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict())
+    with run.publishing("train", config_hash, inputs) as (tmp, manifest):
+        save_adapter(trainer.model, tokenizer, tmp / "adapter")
+        write_json(tmp / "summary.json", summary)
+        save_config(config, tmp / "config.yaml")
+        manifest.extra = {"global_step": summary["global_step"], "train_loss": summary["train_loss"]}
+    log.info(
+        "train: done in %s (%d steps, %.0f tokens/s, %s); adapter in %s",
+        _duration(summary["train_runtime_s"]), summary["global_step"], summary["train_tokens_per_s"] or 0,
+        memory_text(runtime.device), run.stage("train") / "adapter",
+    )
+    return 0

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Llama with a real (freshly trained) BPE tokenizer, and config helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample" / "medical_o1_sample.jsonl"
+MCQ_SAMPLE = ROOT / "data" / "sample" / "medqa_sample.jsonl"
+
+# Keep every test offline and quiet, whatever the developer's shell has set.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for secret in ("HF_TOKEN", "WANDB_API_KEY"):
+    os.environ.pop(secret, None)
+
+
+def sample_rows() -> list[dict]:
+    return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+
+
+def build_tiny_llama(folder: Path, *, pad_is_eos: bool = True) -> Path:
+    """A 2-layer Llama (hidden 64) and a byte-level BPE tokenizer trained on the sample data."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from medcot.prompts import TRAIN_TEMPLATE
+
+    texts = [TRAIN_TEMPLATE.format(r["Question"], r["Complex_CoT"], r["Response"]) for r in sample_rows()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1024, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token=None if pad_is_eos else "<pad>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=None if pad_is_eos else 2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def tiny_config(tiny_model, tmp_path):
+    """Overrides that run the whole pipeline on the tiny model in seconds."""
+    def make(*extra: str) -> list[str]:
+        return [
+            f"model.name={tiny_model}", "model.max_seq_length=1024", "model.load_in_4bit=false",
+            f"data.path={SAMPLE}", "data.train_rows=40", "data.heldout_rows=8",
+            f"output_dir={tmp_path / 'outputs'}", "run_name=tiny",
+            "lora.use_gradient_checkpointing=false", "training.per_device_train_batch_size=2",
+            "training.gradient_accumulation_steps=2", "training.max_steps=4", "training.warmup_steps=1",
+            "training.logging_steps=1", "training.save_steps=2", "training.optim=adamw_torch",
+            "training.learning_rate=1e-3", "tracking.report_to=none",
+            "eval.max_new_tokens=16", "eval.batch_size=4", "eval.heldout_limit=4", *extra,
+        ]
+    return make
