@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medcot.config import ColumnsConfig, DataConfig
-from medcot.prompts import TEMPLATE_MARKERS, THINK_CLOSE, THINK_OPEN, training_text
+from medcot.prompts import TEMPLATE_MARKERS, THINK_CLOSE, THINK_OPEN, split_training_text
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,6 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int) -> PreparedData:
     report = DropReport(source=label, rows_read=len(rows))
 
     n_train = cfg.train_rows if cfg.train_rows is not None else max(len(rows) - cfg.heldout_rows, 0)
-    eos = tokenizer.eos_token or ""
     seen: set[str] = set()
     train: list[Example] = []
     heldout: list[Example] = []
@@ -242,7 +241,7 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int) -> PreparedData:
             report.drop("duplicate question", index)
             continue
         seen.add(key)
-        n_tokens = len(tokenizer(training_text(ex.question, ex.cot, ex.response, eos), add_special_tokens=True)["input_ids"])
+        n_tokens = len(tokenize_example(ex, tokenizer)["input_ids"])
         if n_tokens > max_seq_length:
             report.drop(f"longer than max_seq_length ({max_seq_length} tokens)", index)
             continue
@@ -264,3 +263,19 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int) -> PreparedData:
     if cfg.heldout_rows and not heldout:
         log.warning("data: no held-out rows (the split has only %d rows); evaluation will use the showcase questions only", len(rows))
     return PreparedData(train=train, heldout=heldout, report=report)
+
+
+def tokenize_example(ex: Example, tokenizer) -> dict[str, list[int]]:
+    """input_ids of the training text with EOS as the last token, and a mask of the completion tokens.
+
+    The EOS id is appended as a token, not as text, so the model is supervised to emit exactly the id
+    that generation stops on. The completion starts where the tokenized prompt and the tokenized whole
+    text diverge (the prompt ends on a newline, so this is the token after `### Response:\\n`).
+    """
+    prompt, completion = split_training_text(ex.question, ex.cot, ex.response, eos_token="")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    n_prompt = 0
+    while n_prompt < len(prompt_ids) and prompt_ids[n_prompt] == ids[n_prompt]:
+        n_prompt += 1
+    return {"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)}

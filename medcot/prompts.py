@@ -49,6 +49,14 @@ def training_text(question: str, cot: str, response: str, eos_token: str) -> str
     return prompt + completion
 
 
+def mcq_question(stem: str, options: dict[str, str]) -> str:
+    """A multiple-choice row as the question slot of the inference prompt: stem, lettered options, and
+    what form the answer should take (so that a model that knows the answer can be scored)."""
+    lines = [stem.strip(), ""] + [f"{letter}. {text}" for letter, text in options.items()]
+    lines += ["", "Answer with the letter of the correct option."]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class ParsedAnswer:
     reasoning: str

@@ -25,9 +25,8 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from medcot.config import RunConfig
-from medcot.data import Example
+from medcot.data import Example, tokenize_example
 from medcot.modeling import Runtime
-from medcot.prompts import split_training_text
 from medcot.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -37,22 +36,6 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---- data ------------------------------------------------------------------------------------------
-
-def tokenize_example(ex: Example, tokenizer) -> dict[str, list[int]]:
-    """input_ids of the training text with EOS as the last token, and a mask of the completion tokens.
-
-    The EOS id is appended as a token, not as text, so the model is supervised to emit exactly the id
-    that generation stops on. The completion starts where the tokenized prompt and the tokenized whole
-    text diverge (the prompt ends on a newline, so this is the token after `### Response:\\n`).
-    """
-    prompt, completion = split_training_text(ex.question, ex.cot, ex.response, eos_token="")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
-    n_prompt = 0
-    while n_prompt < len(prompt_ids) and prompt_ids[n_prompt] == ids[n_prompt]:
-        n_prompt += 1
-    return {"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)}
-
 
 def build_dataset(examples: list[Example], tokenizer) -> Dataset:
     return Dataset.from_list([tokenize_example(ex, tokenizer) for ex in examples])

@@ -1,0 +1,40 @@
+"""Evaluate the model before or after training on held-out, showcase and multiple-choice questions.
+
+    python jobs/evaluate.py --config configs/demo.yaml --stage before
+    python jobs/evaluate.py --config configs/demo.yaml --stage after     # base + trained adapter
+
+Writes <run dir>/eval-<stage>/ (generations.jsonl, summary.json); once both stages exist, also the
+before/after report (<run dir>/report/report.html).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medcot.cli import parse_job_args, register_user_error, run_job  # noqa: E402
+
+
+def add_stage(parser) -> None:
+    parser.add_argument("--stage", choices=("before", "after"), required=True, help="base model, or base + trained adapter")
+
+
+def main() -> int:
+    config, args = parse_job_args("evaluate", __doc__, extra=add_stage)
+    from medcot.data import DataError
+    from medcot.modeling import BackendError, select_backend
+    from medcot.rundir import StageError
+
+    register_user_error(DataError, BackendError, StageError)
+    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
+    from medcot.report import report_if_ready
+
+    from medcot.evaluate import evaluate_stage
+
+    code = evaluate_stage(config, runtime, args.stage, force=args.force)
+    report_if_ready(config)
+    return code
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,240 @@
+"""The evaluate job: answer held-out, showcase and multiple-choice questions with the inference prompt,
+score the answers, and measure the held-out loss of the reference reasoning (teacher-forced).
+
+`before` evaluates the base model, `after` the base plus the trained adapter; both see the same
+questions, prompts and decoding settings, so their summaries compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from medcot.config import McqSourceConfig, RunConfig
+from medcot.data import DataError, Example, prepare, read_rows, tokenize_example
+from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
+from medcot.prompts import inference_prompt, mcq_question, parse_generation
+from medcot.rundir import RunDir, StageError, write_json
+
+log = logging.getLogger(__name__)
+
+STAGE_SECTIONS = ("model", "data", "eval")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    source: str  # "heldout" | "showcase" | "mcq:<name>"
+    question: str
+    reference: str | None = None
+    options: dict[str, str] | None = None
+    correct_choice: str | None = None
+
+
+def heldout_items(examples: list[Example], limit: int | None) -> list[EvalItem]:
+    chosen = examples[:limit] if limit else examples
+    return [EvalItem(f"heldout-{ex.row}", "heldout", ex.question, ex.response) for ex in chosen]
+
+
+def mcq_items(source: McqSourceConfig) -> list[EvalItem]:
+    """Multiple-choice rows as prompts; options may be a {letter: text} mapping or a list (lettered A, B, ...)."""
+    rows, label = read_rows(source.path, source.name, source.split, None, source.limit)
+    name = Path(source.path).stem if Path(source.path).suffix else source.path
+    items = []
+    for i, row in enumerate(rows):
+        for key in (source.question_column, source.options_column, source.answer_column):
+            if key not in row:
+                raise DataError(f"{label}: row {i} has no '{key}' column; set the eval.mcq column names for this source")
+        options = row[source.options_column]
+        if isinstance(options, list):
+            options = {chr(ord("A") + j): str(text) for j, text in enumerate(options)}
+        if not isinstance(options, dict) or not options:
+            raise DataError(f"{label}: row {i}: '{source.options_column}' must be a mapping of letters to option texts or a list")
+        options = {str(k).strip().upper(): str(v) for k, v in options.items()}
+        answer = str(row[source.answer_column]).strip().upper()
+        if answer not in options:
+            raise DataError(f"{label}: row {i}: answer {answer!r} is not one of the options {', '.join(options)}")
+        items.append(EvalItem(f"mcq:{name}:{row.get('id', i)}", f"mcq:{name}", mcq_question(row[source.question_column], options),
+                              options=options, correct_choice=answer))
+    return items
+
+
+def eval_items(config: RunConfig, heldout: list[Example]) -> list[EvalItem]:
+    items = heldout_items(heldout, config.eval.heldout_limit)
+    items += [EvalItem(f"showcase-{i}", "showcase", q) for i, q in enumerate(config.eval.showcase_questions)]
+    for source in config.eval.mcq:
+        items += mcq_items(source)
+    return items
+
+
+# ---- generation ------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
+             temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate") -> tuple[list[dict], float]:
+    """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
+    similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[dict | None] = [None] * len(prompts)
+    eos_ids = _eos_ids(model, tokenizer)
+    generated_total, t0 = 0, time.monotonic()
+    bar = tqdm(total=len(prompts), desc=desc, unit="q", mininterval=2.0)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
+                                  "eos_token_id": eos_ids}
+        if do_sample:
+            kwargs["temperature"] = temperature
+        else:  # silence the sampling defaults a model's generation_config may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
+        out = model.generate(**batch, **kwargs)
+        new = out[:, batch["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            tokens = new[row].tolist()
+            n = len(tokens)
+            for pos, tok in enumerate(tokens):
+                if tok in eos_ids:
+                    n = pos
+                    break
+            stopped = n < len(tokens)
+            results[i] = {
+                "text": tokenizer.decode(tokens[:n], skip_special_tokens=True),
+                "generated_tokens": n,
+                "prompt_tokens": int(batch["attention_mask"][row].sum()),
+                "hit_token_limit": not stopped and n >= max_new_tokens,
+            }
+            generated_total += n
+        elapsed = time.monotonic() - t0
+        bar.update(len(idx))
+        bar.set_postfix_str(f"{generated_total / max(elapsed, 1e-9):.0f} tokens/s")
+    bar.close()
+    return [r for r in results if r is not None], time.monotonic() - t0
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: int) -> list[tuple[float, int]]:
+    """(sum of NLL, token count) of the reference `<think>` reasoning, answer and EOS given the prompt."""
+    device = next(model.parameters()).device
+    losses = []
+    for start in range(0, len(examples), batch_size):
+        encoded = [tokenize_example(ex, tokenizer) for ex in examples[start:start + batch_size]]
+        width = max(len(e["input_ids"]) for e in encoded)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for r, e in enumerate(encoded):  # right padding: positions stay those of training
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.tensor(e["input_ids"])
+            mask[r, :n] = 1
+            target[r, :n] = torch.tensor(e["completion_mask"], dtype=torch.bool)
+        ids, mask, target = ids.to(device), mask.to(device), target.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        scored = target[:, 1:]
+        for r in range(len(encoded)):
+            losses.append((float(nll[r][scored[r]].sum()), int(scored[r].sum())))
+    return losses
+
+
+# ---- the stage -------------------------------------------------------------------------------------
+
+def stage_name(which: str) -> str:
+    return f"eval-{which}"
+
+
+def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool = False) -> int:
+    from medcot.config import save_config
+    from medcot.metrics import summarize
+    from medcot.training import data_inputs
+
+    run = RunDir(config.run_dir)
+    name = stage_name(which)
+    inputs = data_inputs(config)
+    adapter = None
+    if which == "after":
+        train = run.require("train", needed_by="evaluate --stage after")
+        inputs["train"] = train.identity()
+        adapter = run.stage("train") / "adapter"
+    config_hash = config.section_hash(*STAGE_SECTIONS)
+    if run.check_done(name, config_hash, inputs, force):
+        log.info("%s: already finished in %s with this config and inputs; nothing to do (--force redoes it)", name, run.stage(name))
+        return 0
+
+    tokenizer = load_tokenizer(resolve_model_path(config.model.name), config.model.revision)
+    data = prepare(config.data, tokenizer, config.model.max_seq_length)
+    items = eval_items(config, data.heldout)
+    if not items:
+        raise StageError("nothing to evaluate: no held-out rows, no showcase questions and no eval.mcq sources")
+    log.info("%s: %d questions (%d held out, %d showcase, %d multiple choice), max_new_tokens %d",
+             name, len(items), sum(i.source == "heldout" for i in items), sum(i.source == "showcase" for i in items),
+             sum(i.source.startswith("mcq:") for i in items), config.eval.max_new_tokens)
+
+    t0 = time.monotonic()
+    model, tokenizer = load_with_adapter(config, runtime, adapter)
+    log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
+
+    losses = heldout_token_losses(model, tokenizer, data.heldout, config.eval.batch_size) if data.heldout else None
+    if losses:
+        total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
+        log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
+
+    outputs, seconds = generate(
+        model, tokenizer, [inference_prompt(i.question) for i in items], max_new_tokens=config.eval.max_new_tokens,
+        batch_size=config.eval.batch_size, do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name,
+    )
+    rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
+    summary = summarize(rows, losses, seconds)
+    summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2))
+
+    with run.publishing(name, config_hash, inputs) as (tmp, _):
+        with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_json(tmp / "summary.json", summary)
+        save_config(config, tmp / "config.yaml")
+    log.info("%s: %d answers in %.0f s (%.0f generated tokens/s); results in %s", name, len(rows), seconds,
+             summary.get("generated_tokens_per_s") or 0, run.stage(name))
+    return 0
+
+
+def _row(item: EvalItem, out: dict, tokenizer) -> dict[str, Any]:
+    parsed = parse_generation(out["text"])
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    return {
+        "id": item.id, "source": item.source, "question": item.question, "reference": item.reference,
+        "options": item.options, "correct_choice": item.correct_choice,
+        "reasoning": parsed.reasoning, "answer": parsed.answer, "raw": out["text"],
+        "prompt_tokens": out["prompt_tokens"], "reasoning_tokens": count(parsed.reasoning),
+        "answer_tokens": count(parsed.answer), "generated_tokens": out["generated_tokens"],
+        "think_closed": parsed.think_closed, "hit_token_limit": out["hit_token_limit"],
+    }

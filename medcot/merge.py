@@ -1,0 +1,62 @@
+"""The merge job: fold the trained LoRA adapter into 16-bit base weights, as a folder that plain
+`transformers.AutoModelForCausalLM` loads without peft or Unsloth; keep a copy of the adapter beside it.
+
+On the Unsloth backend this is Unsloth's `merged_16bit` save; elsewhere peft's `merge_and_unload` on the
+full-precision base (merging into a 4-bit base would bake its quantisation error into the weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from medcot.config import RunConfig, save_config
+from medcot.modeling import Runtime, load_tokenizer, resolve_model_path
+from medcot.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_dir: Path) -> None:
+    dtype = getattr(torch, config.merge.dtype)
+    if runtime.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(adapter_dir), max_seq_length=config.model.max_seq_length,
+            dtype=dtype, load_in_4bit=runtime.load_in_4bit,
+        )
+        model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
+        return
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(config.model.name)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, revision=config.model.revision)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(str(adapter_dir)).save_pretrained(str(out_dir))
+
+
+def merge_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
+    run = RunDir(config.run_dir)
+    train = run.require("train", needed_by="merge")
+    inputs = {"train": train.identity()}
+    config_hash = config.section_hash("model", "merge")
+    if run.check_done("merge", config_hash, inputs, force):
+        log.info("merge: already finished in %s with this adapter; nothing to do (--force redoes it)", run.stage("merge"))
+        return 0
+    adapter = run.stage("train") / "adapter"
+    with run.publishing("merge", config_hash, inputs) as (tmp, manifest):
+        shutil.copytree(adapter, tmp / "adapter")
+        log.info("merge: merging %s into %s weights of %s", adapter, config.merge.dtype, config.model.name)
+        merge_adapter(config, runtime, adapter, tmp / "model")
+        save_config(config, tmp / "config.yaml")
+        manifest.extra = {"dtype": config.merge.dtype, "backend": runtime.backend,
+                          "bytes": sum(f.stat().st_size for f in (tmp / "model").rglob("*") if f.is_file())}
+    log.info("merge: done; merged model in %s (%.2f GB)", run.stage("merge") / "model", manifest.extra["bytes"] / 1e9)
+    return 0
