@@ -1,0 +1,116 @@
+"""Training: what the trainer is fed (masking, EOS), real steps on a tiny Llama, checkpoints and resume."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import SAMPLE
+from medcot.config import DataConfig, load_config
+from medcot.data import prepare, tokenize_example
+from medcot.modeling import add_lora, load_model, select_backend
+from medcot.prompts import RESPONSE_MARKER
+from medcot.training import build_dataset, build_trainer, complete_checkpoints, train_stage
+
+
+def first_batch(config, tmp_path):
+    runtime = select_backend(config.model)
+    model, tok = load_model(config, runtime, for_training=True)
+    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    data = prepare(config.data, tok, config.model.max_seq_length)
+    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:4], tok), tmp_path / "ckpt", [])
+    return next(iter(trainer.get_train_dataloader())), tok
+
+
+def supervised_spans(batch):
+    """Per row: (first supervised position, last supervised position, last real position)."""
+    spans = []
+    for labels, mask in zip(batch["labels"], batch["attention_mask"], strict=True):
+        sup = (labels != -100).nonzero().flatten()
+        spans.append((int(sup[0]), int(sup[-1]), int(mask.nonzero().flatten()[-1])))
+    return spans
+
+
+@pytest.mark.parametrize("loss_on", ["all", "response"])
+def test_last_supervised_label_of_every_row_is_eos_even_when_pad_is_eos(tiny_config, tmp_path, loss_on):
+    config = load_config(None, tiny_config(f"training.loss_on={loss_on}"))
+    batch, tok = first_batch(config, tmp_path)
+    assert tok.pad_token_id == tok.eos_token_id  # the hard case: pad and EOS share an id
+    assert batch["input_ids"].shape[0] == 2 and (batch["attention_mask"] == 0).any()  # rows of unequal length
+    for row, (_, last_sup, last_real) in zip(batch["labels"], supervised_spans(batch), strict=True):
+        assert last_sup == last_real
+        assert row[last_sup] == tok.eos_token_id
+
+
+def test_loss_on_all_supervises_every_real_token_but_the_first(tiny_config, tmp_path):
+    batch, _ = first_batch(load_config(None, tiny_config("training.loss_on=all")), tmp_path)
+    for labels, ids, mask in zip(batch["labels"], batch["input_ids"], batch["attention_mask"], strict=True):
+        real = mask.bool()
+        assert torch.equal(labels[real], ids[real])  # the model shifts labels itself
+        assert (labels[~real] == -100).all()
+
+
+def test_loss_on_response_masks_exactly_the_prompt_token_by_token(tiny_config, tmp_path):
+    config = load_config(None, tiny_config("training.loss_on=response"))
+    batch, tok = first_batch(config, tmp_path)
+    data = prepare(config.data, tok, config.model.max_seq_length)
+    # The sampler shuffles: match rows by content.
+    expected = {tuple(tokenize_example(e, tok)["input_ids"]): tokenize_example(e, tok) for e in data.train[:4]}
+    for labels, ids, mask in zip(batch["labels"], batch["input_ids"], batch["attention_mask"], strict=True):
+        n = int(mask.sum())
+        ref = expected[tuple(ids[:n].tolist())]
+        for pos in range(n):
+            want = ids[pos].item() if ref["completion_mask"][pos] else -100
+            assert labels[pos].item() == want, f"position {pos}"
+        prompt_text = tok.decode(ids[: ref["completion_mask"].index(1)])
+        assert prompt_text.rstrip().endswith(RESPONSE_MARKER)
+        assert tok.decode(ids[ref["completion_mask"].index(1):n]).startswith("<think>")
+
+
+def test_tokenized_example_ends_with_the_eos_id_not_eos_text(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    data = prepare(DataConfig(path=str(SAMPLE), train_rows=3, heldout_rows=0), tok, 2048)
+    enc = tokenize_example(data.train[0], tok)
+    assert enc["input_ids"][-1] == tok.eos_token_id and enc["input_ids"].count(tok.eos_token_id) == 1
+    assert len(enc["input_ids"]) == len(enc["completion_mask"])
+
+
+def test_train_job_trains_publishes_adapter_and_summary(tiny_config, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(None, tiny_config())
+    assert train_stage(config, select_backend(config.model)) == 0
+    stage = config.run_dir / "train"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["global_step"] == 4 and [h["step"] for h in summary["losses"]] == [1, 2, 3, 4]
+    assert summary["train_tokens"] > 0 and summary["train_tokens_per_s"] > 0 and summary["backend"] == "transformers"
+    assert summary["data"]["train_rows"] == 40 and summary["data"]["dropped_total"] == 0
+    assert (stage / "manifest.json").is_file() and (stage / "config.yaml").is_file()
+    base = AutoModelForCausalLM.from_pretrained(config.model.name)
+    model = PeftModel.from_pretrained(base, stage / "adapter")
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())  # it learned something
+
+
+def test_finished_train_stage_is_a_noop_and_a_changed_config_is_refused(tiny_config, tmp_path, caplog):
+    from medcot.rundir import StageError
+
+    config = load_config(None, tiny_config())
+    runtime = select_backend(config.model)
+    train_stage(config, runtime)
+    manifest = (config.run_dir / "train" / "manifest.json").read_text()
+    caplog.set_level("INFO")
+    assert train_stage(config, runtime) == 0
+    assert "nothing to do" in caplog.text
+    assert (config.run_dir / "train" / "manifest.json").read_text() == manifest
+    with pytest.raises(StageError, match="different config.*--force"):
+        train_stage(load_config(None, tiny_config("training.learning_rate=5e-4")), runtime)
+
+
+def test_checkpoints_are_marked_complete_and_kept_two(tiny_config, tmp_path):
+    config = load_config(None, tiny_config("training.max_steps=6", "training.save_steps=1"))
+    train_stage(config, select_backend(config.model))
+    kept = complete_checkpoints(config.run_dir / "checkpoints")
+    assert [p.name for p in kept] == ["checkpoint-5", "checkpoint-6"]
