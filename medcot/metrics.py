@@ -117,7 +117,9 @@ def _letters_at(text: str, pos: int) -> list[str]:
     """The letter, or list of letters ("B or C"), that starts at pos; [] when none does."""
     out: list[str] = []
     while m := _TOKEN.match(text, pos):
-        if m.group(3) and _WORDLIKE.match(text, m.end()):
+        # After "or"/"and"/"," a bare letter is an option ("B or C seems right") unless it is the article
+        # or pronoun ("B, a drug that ...").
+        if m.group(3) and _WORDLIKE.match(text, m.end()) and (not out or m.group(3) in "aiI"):
             break
         out.append((m.group(1) or m.group(2) or m.group(3)).upper())
         sep = _SEP.match(text, m.end())
@@ -195,7 +197,7 @@ def _lengths(values: list[int]) -> dict[str, Any] | None:
 
 def _choice_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     parsed = [parse_choice(r["answer"], options=r.get("options")) for r in rows]
-    correct = sum(p is not None and p == str(r["correct_choice"]).strip().upper() for p, r in zip(parsed, rows))
+    correct = sum(p is not None and p == str(r["correct_choice"]).strip().upper() for p, r in zip(parsed, rows, strict=True))
     p = _proportion(correct, len(rows))
     return {"accuracy": p["rate"], "ci": p["ci"], "n": len(rows), "correct": correct,
             "unparseable": sum(p is None for p in parsed)}
@@ -319,7 +321,8 @@ def table_cells(row: Mapping[str, Any]) -> list[str]:
     change = {True: "better", False: "worse", None: "same" if row["delta"] == 0 else ""}[row["better"]]
     if row["direction"] != "neither":
         change = f"{change} (goal: {row['direction']})".strip()
-    metric = f"{row['metric']} ({row['unit']})" if row["unit"] not in ("", "share") else row["metric"]
+    unit = row["unit"]
+    metric = row["metric"] if unit in ("", "share") or unit in row["metric"] else f"{row['metric']} ({unit})"
     return [metric, with_ci(row["before"], row["before_ci"]), with_ci(row["after"], row["after_ci"]), delta, change]
 
 
@@ -327,6 +330,6 @@ def format_table(rows: list[Mapping[str, Any]]) -> str:
     """compare() rows as an aligned markdown table, readable in a terminal as it is."""
     body = [list(TABLE_HEADER)] + [table_cells(r) for r in rows]
     widths = [max(len(line[i]) for line in body) for i in range(len(TABLE_HEADER))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in body]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |" for line in body]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
