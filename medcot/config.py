@@ -217,7 +217,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key; check its spelling (`python jobs/train.py --config FILE --help` lists every key)")
+            lines.append(f"  - {key}: unknown key; check its spelling (any job's `--config FILE --help` lists every key)")
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
