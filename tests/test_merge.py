@@ -1,0 +1,76 @@
+"""Merge: the 16-bit merged model behaves like base + adapter and loads with plain transformers."""
+
+import pytest
+import torch
+
+from medcot.config import load_config
+from medcot.merge import merge_stage
+from medcot.modeling import select_backend
+from medcot.rundir import StageError
+from medcot.training import train_stage
+
+
+@pytest.fixture(scope="module")
+def merged_run(tmp_path_factory, tiny_model):
+    from conftest import SAMPLE
+
+    out = tmp_path_factory.mktemp("merge")
+    config = load_config(None, [
+        f"model.name={tiny_model}", "model.max_seq_length=1024", f"data.path={SAMPLE}", "data.train_rows=24",
+        "data.heldout_rows=0", f"output_dir={out}", "run_name=m", "lora.use_gradient_checkpointing=false",
+        "training.max_steps=3", "training.warmup_steps=0", "training.learning_rate=5e-3", "training.optim=adamw_torch",
+        "tracking.report_to=none", "merge.dtype=bfloat16",
+    ])
+    runtime = select_backend(config.model)
+    train_stage(config, runtime)
+    merge_stage(config, runtime)
+    return config
+
+
+def test_merged_model_matches_base_plus_adapter_logits_and_greedy_tokens(merged_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = merged_run.run_dir
+    tok = AutoTokenizer.from_pretrained(run / "merge" / "model")
+    ids = tok("A 61-year-old woman with stress incontinence", return_tensors="pt")["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(run / "merge" / "model", dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merged_run.model.name, dtype=torch.float32),
+                                          run / "train" / "adapter").eval()
+    with torch.no_grad():
+        a, b = merged(ids).logits[0, -1], reference(ids).logits[0, -1]
+        greedy = [m.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)[0].tolist()
+                  for m in (merged, reference)]
+    # bf16 weights carry ~3 significant digits: compare against the logit scale.
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()
+    assert greedy[0] == greedy[1]
+    # The adapter changed the model, so the equality above is not trivially true of the base.
+    base = AutoModelForCausalLM.from_pretrained(merged_run.model.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits[0, -1], b, atol=1e-4)
+
+
+def test_merged_folder_is_plain_16bit_transformers_with_tokenizer(merged_run):
+    from safetensors import safe_open
+
+    folder = merged_run.run_dir / "merge" / "model"
+    assert not (folder / "adapter_config.json").exists()
+    assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        assert not any("lora" in k for k in f.keys())
+    assert dtypes == {torch.bfloat16}
+    assert (merged_run.run_dir / "merge" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_merge_refuses_to_start_without_a_finished_train_stage(tiny_config):
+    config = load_config(None, tiny_config("run_name=never-trained"))
+    with pytest.raises(StageError, match="needs the 'train' stage.*does not exist.*make train"):
+        merge_stage(config, select_backend(config.model))
+
+
+def test_merge_refuses_an_incomplete_train_stage(tiny_config):
+    config = load_config(None, tiny_config("run_name=half-written"))
+    (config.run_dir / "train" / "adapter").mkdir(parents=True)  # as a killed job without publishing would leave it
+    with pytest.raises(StageError, match="is incomplete"):
+        merge_stage(config, select_backend(config.model))
