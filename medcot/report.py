@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medcot.metrics import TABLE_HEADER, compare, format_table, table_cells
-from medcot.rundir import PRODUCER, RunDir, StageError
+from medcot.rundir import PRODUCER, STAGES, RunDir, StageError
 
 if TYPE_CHECKING:
     from medcot.config import RunConfig
@@ -268,6 +268,10 @@ def report_if_ready(config: RunConfig) -> Path | None:
     before, after = (json.loads((rd.stage(s) / "summary.json").read_text(encoding="utf-8")) for s in ("eval-before", "eval-after"))
     log.info("before/after:\n%s", format_table(compare(before, after)))
     log.info("report: %s (markdown: %s)", page, md)
+    from medcot.tracking import configure_wandb, log_comparison
+
+    if configure_wandb(config):
+        log_comparison(config, rd.root)
     return page
 
 
@@ -302,3 +306,14 @@ def log_to_wandb(run: Any, before: Mapping[str, Any], after: Mapping[str, Any],
         table.add_data(b["source"], b["id"], b["question"], b.get("reference"), b["answer"], a["answer"],
                        b["reasoning_tokens"], a["reasoning_tokens"])
     run.log({"eval/before_after": table})
+
+
+def stage_times(run_dir: Path) -> str:
+    """One line per published stage with its wall time, from the manifests."""
+    rd = RunDir(run_dir)
+    lines = ["stage times:"]
+    for stage in STAGES:
+        manifest = rd.manifest(stage)
+        if manifest:
+            lines.append(f"  {stage:<12} {manifest.duration_s:8.1f} s   finished {manifest.finished_at}")
+    return "\n".join(lines)

@@ -165,15 +165,9 @@ def _optimizer(name: str, runtime: Runtime) -> str:
 
 
 def report_to(config: RunConfig) -> list[str]:
-    import os
+    from medcot.tracking import configure_wandb
 
-    choice = config.tracking.report_to
-    if choice == "none":
-        return []
-    if choice == "auto" and not os.environ.get("WANDB_API_KEY"):
-        log.info("tracking: WANDB_API_KEY not set; W&B runs offline into the run directory (wandb sync uploads it later)")
-        os.environ["WANDB_MODE"] = "offline"
-    return ["wandb"]
+    return ["wandb"] if configure_wandb(config) else []
 
 
 def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFTConfig:

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from conftest import SAMPLE, sample_rows
 from medcot.config import DataConfig
 from medcot.data import DataError, prepare, read_rows, tokenize_example
+
+from conftest import SAMPLE, sample_rows
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 
-from conftest import SAMPLE
 from medcot.config import DataConfig, load_config
 from medcot.data import prepare, tokenize_example
 from medcot.modeling import add_lora, load_model, select_backend
 from medcot.prompts import RESPONSE_MARKER
 from medcot.training import build_dataset, build_trainer, complete_checkpoints, train_stage
+
+from conftest import SAMPLE
 
 
 def first_batch(config, tmp_path):
