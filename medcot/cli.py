@@ -26,6 +26,10 @@ def register_user_error(*types: type[BaseException]) -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
+    import os
+
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 speaks for all
+        level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(RedactingFilter())

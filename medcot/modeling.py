@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ def load_model(config: RunConfig, runtime: Runtime, *, for_training: bool) -> tu
             dtype=None if config.model.dtype == "auto" else runtime.dtype,
             load_in_4bit=runtime.load_in_4bit,
             revision=config.model.revision,
+            device_map={"": int(os.environ.get("LOCAL_RANK", 0))},
         )
         return model, tokenizer
 
@@ -157,7 +159,8 @@ def load_model(config: RunConfig, runtime: Runtime, *, for_training: bool) -> tu
             bnb_4bit_compute_dtype=runtime.dtype,
         )
     if runtime.device == "cuda":
-        kwargs["device_map"] = {"": 0}
+        # One whole model per process: under torchrun each rank holds its own copy on its own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = load_tokenizer(path, config.model.revision)
     if for_training and runtime.load_in_4bit:

@@ -229,9 +229,6 @@ def build_trainer(config: RunConfig, runtime: Runtime, model, tokenizer, train_d
 def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds: Dataset,
                  checkpoint_dir: Path) -> tuple[SFTTrainer, dict[str, Any], str | None]:
     """Train (resuming from the last complete checkpoint); returns trainer, summary and the stop signal if any."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for path in discard_incomplete_checkpoints(checkpoint_dir):
-        log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
     complete = complete_checkpoints(checkpoint_dir)
     resume = complete[-1] if complete else None
     if resume:
@@ -315,21 +312,29 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         return 0
     check_target_modules(config)
 
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_config(config, run.root / "config.yaml")
+    # Under torchrun (make train GPUS=N) every rank runs this function; rank 0 alone writes files.
+    from accelerate import PartialState
+
+    dist = PartialState(cpu=runtime.device != "cuda")
     ckpt = run.checkpoints
     owner = ckpt / "config_hash"
-    if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash:
-        if not force:
-            from medcot.rundir import StageError
+    if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash and not force:
+        from medcot.rundir import StageError
 
-            raise StageError(
-                f"{ckpt} holds checkpoints of a run with a different config; pass --force to discard them "
-                f"and start over, or choose another run_name"
-            )
-        shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    owner.write_text(config_hash + "\n")
+        raise StageError(
+            f"{ckpt} holds checkpoints of a run with a different config; pass --force to discard them "
+            f"and start over, or choose another run_name"
+        )
+    if dist.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.root / "config.yaml")
+        if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash:
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        owner.write_text(config_hash + "\n")
+        for path in discard_incomplete_checkpoints(ckpt):
+            log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
+    dist.wait_for_everyone()
 
     tokenizer = load_tokenizer(resolve_model_path(config.model.name), config.model.revision)
     data = prepare(config.data, tokenizer, config.model.max_seq_length)
@@ -351,12 +356,15 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         )
         return 143 if stopped_by == "SIGTERM" else 130
 
-    summary.update(model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict())
-    with run.publishing("train", config_hash, inputs) as (tmp, manifest):
-        save_adapter(trainer.model, tokenizer, tmp / "adapter")
-        write_json(tmp / "summary.json", summary)
-        save_config(config, tmp / "config.yaml")
-        manifest.extra = {"global_step": summary["global_step"], "train_loss": summary["train_loss"]}
+    summary.update(model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict(),
+                   world_size=dist.num_processes)
+    if dist.is_main_process:
+        with run.publishing("train", config_hash, inputs) as (tmp, manifest):
+            save_adapter(trainer.model, tokenizer, tmp / "adapter")
+            write_json(tmp / "summary.json", summary)
+            save_config(config, tmp / "config.yaml")
+            manifest.extra = {"global_step": summary["global_step"], "train_loss": summary["train_loss"]}
+    dist.wait_for_everyone()
     log.info(
         "train: done in %s (%d steps, %.0f tokens/s, %s); adapter in %s",
         _duration(summary["train_runtime_s"]), summary["global_step"], summary["train_tokens_per_s"] or 0,
