@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from medcot.config import RunConfig
 from medcot.data import Example, tokenize_example
 from medcot.modeling import Runtime
+from medcot.resources import resource_errors
 from medcot.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,8 @@ def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFT
         gradient_checkpointing=bool(gc) and runtime.backend == "transformers",
         gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding",
+        # LoRA uses every adapter in every forward; searching for unused parameters only costs time.
+        ddp_find_unused_parameters=False,
         use_cpu=runtime.device != "cuda",
         disable_tqdm=not sys.stderr.isatty(),
         save_only_model=False,
@@ -242,7 +245,8 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
     stop.install()
     t0 = time.monotonic()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with resource_errors(config, "train", checkpoint_dir, lambda: _last_checkpoint_text(checkpoint_dir)):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         stop.uninstall()
     runtime_s = time.monotonic() - t0
@@ -269,6 +273,13 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         * trainer.args.world_size,
     }
     return trainer, summary, stop.signal_name
+
+
+def _last_checkpoint_text(checkpoint_dir: Path) -> str:
+    done = complete_checkpoints(checkpoint_dir)
+    if not done:
+        return "No checkpoint was completed yet."
+    return f"The last complete checkpoint, {done[-1].name}, is intact."
 
 
 def save_adapter(model, tokenizer, folder: Path) -> None:

@@ -1,0 +1,44 @@
+"""Data-parallel training: two processes (torchrun, gloo on CPU) equal one process with the same global batch."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def run_train(launcher: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(ROOT / "jobs" / "train.py"), *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_path):
+    common = tiny_config("data.heldout_rows=0", "training.gradient_accumulation_steps=1", "training.max_steps=4",
+                         "training.save_steps=10")
+    one = run_train([sys.executable], [*common, "run_name=one", "training.per_device_train_batch_size=4"])
+    two = run_train([str(TORCHRUN), "--standalone", "--nproc_per_node=2"],
+                    [*common, "run_name=two", "training.per_device_train_batch_size=2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    out = tmp_path / "outputs"
+    s1, s2 = (json.loads((out / r / "train" / "summary.json").read_text()) for r in ("one", "two"))
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    assert s1["global_batch_size"] == s2["global_batch_size"] == 4
+    assert [h["step"] for h in s2["losses"]] == [1, 2, 3, 4]
+    for a, b in zip(s1["losses"], s2["losses"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    w1, w2 = (load_file(out / r / "train" / "adapter" / "adapter_model.safetensors") for r in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=1e-4)
+    # Rank 0 alone logs: each step's line appears once.
+    assert two.stderr.count("step 4/4") == 1
