@@ -1,0 +1,761 @@
+"""GPU benchmarks of medcot's train and evaluate paths on a Llama-3.1-8B-shaped model with random weights.
+
+    python3 bench/run.py                                   # every section (about 30 minutes on an H100)
+    python3 bench/run.py --sections peak,train,reference   # some sections, in this order
+    python3 bench/run.py --tiny --work /tmp/bt             # the same pipeline on a 2-layer model (smoke test)
+    python3 bench/run.py --render bench/results/A.json [B.json ...]   # rewrite BENCHMARKS.md from results
+
+Every number goes through medcot's own code: training through `medcot.training.run_training` with a
+config from `medcot.config.load_config`, the reference workload as the train job itself in a subprocess
+(`jobs/train.py --config FILE`, so import and model load count), generation through
+`medcot.evaluate.generate` on `medcot.modeling.load_with_adapter`. Each backend runs in its own process:
+Unsloth patches transformers when imported, so the transformers baseline must never share a process with it.
+Results are written after every measurement, so a section cut off by its time limit keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The architecture of deepseek-ai/DeepSeek-R1-Distill-Llama-8B (its config.json), which is Llama-3.1-8B's.
+R1_DISTILL_LLAMA_8B: dict[str, Any] = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    bos_token_id=128000, eos_token_id=128001, pad_token_id=128004, tie_word_embeddings=False, initializer_range=0.02,
+)
+# --tiny: the same pipeline in minutes, to check the benchmark itself (numbers are meaningless).
+TINY = {**R1_DISTILL_LLAMA_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}
+N_SPECIAL = 256  # Llama-3 keeps its last 256 ids for special tokens: 128000 BOS, 128001 EOS, 128004 padding
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|finetune_right_pad_id|>"
+
+TRAIN_SHAPES = [(2, 1024), (2, 2048), (8, 2048)]
+# Token lengths of the synthetic reference rows: medical-o1-reasoning-SFT (en) rows average about 1,000
+# tokens with the R1 tokenizer and have a long right tail. Log-normal with median 900 and sigma 0.46 has
+# mean 900 * exp(0.46**2 / 2) = 1,000; clipped to [300, 2048] (2048 = the recipe's max_seq_length).
+REF_MEDIAN, REF_SIGMA, REF_MIN, REF_MAX = 900, 0.46, 300, 2048
+
+# Issue 5's targets (H100 80GB), checked in BENCHMARKS.md.
+TARGETS = {
+    "unsloth_2x2048_tokens_per_s": 9500, "unsloth_vs_transformers_2x2048": 3.5, "unsloth_2x2048_peak_gib": 8.0,
+    "mfu_8x2048": 0.50, "reference_wall_s": 90, "eval_b32_tokens_per_s": 2000, "eval_b1_tokens_per_s": 65,
+    "eval_vs_transformers_4bit": 3.0,
+}
+
+
+# ---- the model and its tokenizer -------------------------------------------------------------------
+
+def build_tokenizer(folder: Path, vocab_size: int):
+    """A word-level tokenizer whose vocabulary covers all of Llama-3's ids: the words of the prompt
+    templates, then `w0`, `w1`, ... up to id 127999, then 256 special tokens. A synthetic row of N words
+    is exactly N tokens, which is how rows of a chosen token length are made."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from medcot.prompts import INFERENCE_TEMPLATE, TRAIN_TEMPLATE
+
+    n_words = vocab_size - N_SPECIAL
+    template_words = dict.fromkeys(w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(TRAIN_TEMPLATE + INFERENCE_TEMPLATE))
+    words = list(template_words) + [f"w{i}" for i in range(n_words - len(template_words))]
+    specials = {0: BOS, 1: EOS, 4: PAD}
+    special_tokens = [specials.get(k, f"<|reserved_special_token_{k}|>") for k in range(N_SPECIAL)]
+    vocab = {w: i for i, w in enumerate(words + special_tokens)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens[-1]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(special_tokens)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=special_tokens[-1], model_max_length=131072)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model(folder: Path, arch: dict[str, Any]) -> dict[str, Any]:
+    """Random bf16 weights (seeded) built on the GPU, saved as safetensors with the tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t0 = time.monotonic()
+    folder.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(folder, arch["vocab_size"])
+    torch.manual_seed(0)
+    config = LlamaConfig(**copy.deepcopy(arch), dtype="bfloat16")  # it writes rope_theta into rope_scaling
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU only for a --tiny check of this script
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    built = time.monotonic()
+    model.save_pretrained(folder, max_shard_size="5GB")
+    saved = time.monotonic()
+    params = sum(p.numel() for p in model.parameters())
+    (folder / "BENCH_COMPLETE").write_text(json.dumps(arch, sort_keys=True))
+    return {"params": params, "build_s": round(built - t0, 1), "save_s": round(saved - built, 1),
+            "bytes": sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")}
+
+
+def model_is_built(folder: Path, arch: dict[str, Any]) -> bool:
+    mark = folder / "BENCH_COMPLETE"
+    return mark.is_file() and mark.read_text() == json.dumps(arch, sort_keys=True)
+
+
+# ---- counting ---------------------------------------------------------------------------------------
+
+def frozen_matmul_params(arch: dict[str, Any]) -> int:
+    """Weights of every matrix product of a forward pass: the 7 projections of each layer and lm_head."""
+    h, inter, kv = arch["hidden_size"], arch["intermediate_size"], arch["num_key_value_heads"]
+    head = h // arch["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv * head + 3 * h * inter
+    return arch["num_hidden_layers"] * per_layer + h * arch["vocab_size"]
+
+
+def train_flops_per_token(arch: dict[str, Any], seq_len: float, lora_params: int) -> float:
+    """Model FLOPs of one trained token under LoRA (recomputation by checkpointing not counted):
+    frozen weights 2 (forward) + 2 (gradient w.r.t. activations) per weight, no weight gradient;
+    LoRA weights 6 per weight (they do get weight gradients); causal attention (QK^T and PV over
+    seq/2 keys on average: 2 * seq * hidden forward per layer, 3x that with backward)."""
+    attention = 6 * arch["num_hidden_layers"] * seq_len * arch["hidden_size"]
+    return 4 * frozen_matmul_params(arch) + 6 * lora_params + attention
+
+
+# ---- workers (each runs in its own process) --------------------------------------------------------
+
+def _write(path: str, data: Any) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def worker_peak(spec: dict) -> None:
+    """bf16 matmul rate of this GPU: median of 30 timed 8192^3 products after warm-up (CUDA events)."""
+    import torch
+
+    n = 8192
+    pairs = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16))
+             for _ in range(2)]
+    for a, b in pairs * 5:
+        a @ b
+    times = []
+    for i in range(30):
+        a, b = pairs[i % 2]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    median = statistics.median(times)
+    _write(spec["result"], {"matmul_bf16_tflops": round(2 * n**3 / median / 1e12, 1), "n": n, "median_ms": round(median * 1e3, 3)})
+
+
+def worker_build(spec: dict) -> None:
+    folder, arch = Path(spec["model_dir"]), spec["arch"]
+    if model_is_built(folder, arch):
+        _write(spec["result"], {"reused": True})
+        return
+    _write(spec["result"], {"reused": False, **build_model(folder, arch)})
+
+
+def _base_overrides(spec: dict) -> list[str]:
+    return [
+        f"model.name={spec['model_dir']}", f"model.backend={spec['backend']}", "model.load_in_4bit=true",
+        "model.max_seq_length=2048", f"output_dir={spec['work']}", "run_name=bench", "tracking.report_to=none",
+    ]
+
+
+def worker_train(spec: dict) -> None:
+    """Load once, then per shape one `run_training` (the train job's trainer, callbacks and settings) of
+    `warmup_steps + steps` optimizer steps on rows of exactly that length; the rate is that of the last
+    `steps` steps, timed by a callback the trainer is given on top of its own."""
+    import torch
+
+    from medcot.cli import setup_logging
+    from medcot.config import load_config
+    from medcot.modeling import select_backend
+
+    setup_logging()
+    base = _base_overrides(spec) + [f"lora.use_gradient_checkpointing={spec['gc']}"]
+    config = load_config(None, base)
+    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    import medcot.training as training
+    from medcot.modeling import add_lora, load_model
+
+    class StepTimer(TrainerCallback):
+        """(time, tokens seen) at each step's log: logs come after the loss is read back from the GPU, so
+        the interval between two logs is whole steps, without compilation, start-up or the final checkpoint."""
+
+        def __init__(self) -> None:
+            self.marks: dict[int, tuple[float, int]] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.marks[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
+
+    timer = StepTimer()
+    build_trainer = training.build_trainer
+
+    def build_timed_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(timer)
+        return trainer
+
+    training.build_trainer = build_timed_trainer  # run_training looks it up at call time
+
+    t0 = time.monotonic()
+    model, tokenizer = load_model(config, runtime, for_training=True)
+    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    load_s = time.monotonic() - t0
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_words = spec["arch"]["vocab_size"] - N_SPECIAL
+    out: dict[str, Any] = {"backend": runtime.backend, "gc": spec["gc"], "load_s": round(load_s, 1),
+                           "lora_params": lora_params, "shapes": []}
+    generator = torch.Generator().manual_seed(0)
+    warm, steps = spec["warmup_steps"], spec["steps"]
+    for batch, seq in spec["shapes"]:
+        entry: dict[str, Any] = {"batch": batch, "seq_len": seq, "warmup_steps": warm, "steps": steps}
+        cfg = load_config(None, base + [
+            f"training.per_device_train_batch_size={batch}", "training.gradient_accumulation_steps=1",
+            f"training.max_steps={warm + steps}", "training.warmup_steps=0", "training.logging_steps=1",
+        ])
+        ids = torch.randint(0, n_words, (batch * (warm + steps), seq), generator=generator).tolist()
+        timer.marks.clear()
+        try:
+            _, summary, _ = training.run_training(cfg, runtime, model, tokenizer, Dataset.from_dict({"input_ids": ids}),
+                                                  Path(spec["work"]) / f"ckpt-{runtime.backend}-{spec['gc']}-{batch}x{seq}")
+            (t_a, n_a), (t_b, n_b) = timer.marks[warm], timer.marks[warm + steps]
+            tokens = batch * seq * steps
+            entry.update(
+                tokens=tokens, counted_tokens=n_b - n_a, seconds=round(t_b - t_a, 3),
+                tokens_per_s=round(tokens / (t_b - t_a), 1), whole_run_s=summary["train_runtime_s"],
+                peak_memory_gib=summary["peak_memory_gib"], losses=[x["loss"] for x in summary["losses"]],
+                flops_per_token=train_flops_per_token(spec["arch"], seq, lora_params),
+            )
+        except torch.cuda.OutOfMemoryError:
+            entry["error"] = "CUDA out of memory"
+            torch.cuda.empty_cache()
+        out["shapes"].append(entry)
+        _write(spec["result"], out)
+
+
+def worker_eval(spec: dict) -> None:
+    """Generated tokens/s at each batch size, `min_new_tokens = max_new_tokens` so every row generates
+    the full length (random weights emit EOS at random). A short warm-up with the same shapes first."""
+    import torch
+
+    from medcot.cli import setup_logging
+    from medcot.config import load_config
+    from medcot.modeling import select_backend
+
+    setup_logging()
+    variant = spec["variant"]
+    backend = "unsloth" if variant.startswith("unsloth") else "transformers"
+    four_bit = "4bit" in variant
+    config = load_config(None, _base_overrides({**spec, "backend": backend}) + [f"model.load_in_4bit={str(four_bit).lower()}"])
+    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from medcot.evaluate import generate
+    from medcot.modeling import load_with_adapter
+    from medcot.prompts import inference_prompt
+
+    t0 = time.monotonic()
+    adapter = Path(spec["adapter"]) if spec.get("adapter") else None
+    model, tokenizer = load_with_adapter(config, runtime, adapter)
+    if variant == "transformers-bf16-static":
+        if adapter is not None:
+            model = model.merge_and_unload()  # the merge job's output: plain 16-bit weights
+        # A static KV cache lets transformers compile the decoding step (it does so itself for static caches).
+        model.generation_config.cache_implementation = "static"
+    out: dict[str, Any] = {"variant": variant, "backend": runtime.backend, "adapter": str(adapter) if adapter else None,
+                           "load_s": round(time.monotonic() - t0, 1), "batches": []}
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, n: int):
+            self.n, self.calls = n, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return self.calls >= self.n
+
+    rng = random.Random(0)
+    n_words = spec["arch"]["vocab_size"] - N_SPECIAL
+    new_tokens = spec["new_tokens"]
+    for batch in spec["batches"]:
+        # Questions of 40 to 120 words: prompts of unequal length, left-padded as the evaluate job does.
+        prompts = [inference_prompt(" ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(rng.randint(40, 120))))
+                   for _ in range(batch)]
+        entry: dict[str, Any] = {"batch": batch, "new_tokens": new_tokens}
+        try:
+            tokenizer.padding_side = "left"
+            enc = tokenizer(sorted(prompts, key=len, reverse=True), return_tensors="pt", padding=True).to(model.device)
+            warm = time.monotonic()
+            with torch.inference_mode():
+                model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([StopAfter(16)]))
+            entry["warmup_s"] = round(time.monotonic() - warm, 1)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            rows, seconds = generate(model, tokenizer, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     batch_size=batch)
+            generated = sum(r["generated_tokens"] for r in rows)
+            entry.update(seconds=round(seconds, 2), generated_tokens=generated, tokens_per_s=round(generated / seconds, 1),
+                         peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+                         prompt_tokens=[min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)])
+        except torch.cuda.OutOfMemoryError:
+            entry["error"] = "CUDA out of memory"
+            torch.cuda.empty_cache()
+        out["batches"].append(entry)
+        _write(spec["result"], out)
+
+
+WORKERS = {"peak": worker_peak, "build": worker_build, "train": worker_train, "eval": worker_eval}
+
+
+# ---- the reference workload: the train job itself ---------------------------------------------------
+
+def reference_rows(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Rows in the dataset's columns whose training text (template + EOS) is exactly the drawn token length."""
+    from medcot.data import Example, tokenize_example
+
+    rng = random.Random(seed)
+    n_words = len(tokenizer) - N_SPECIAL
+
+    def words(k: int) -> str:
+        return " ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(k))
+
+    rows = []
+    for _ in range(n):
+        target = int(min(REF_MAX, max(REF_MIN, round(rng.lognormvariate(math.log(REF_MEDIAN), REF_SIGMA)))))
+        question, response = words(rng.randint(20, 60)), words(rng.randint(20, min(160, target // 4)))
+        overhead = len(tokenize_example(Example(question, "w0", response, 0), tokenizer)["input_ids"]) - 1
+        cot = words(target - overhead)
+        assert len(tokenize_example(Example(question, cot, response, 0), tokenizer)["input_ids"]) == target
+        rows.append({"Question": question, "Complex_CoT": cot, "Response": response, "tokens": target})
+    return rows
+
+
+def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: float, log) -> dict[str, Any]:
+    """`jobs/train.py --config FILE` on the recipe's config with the synthetic rows; wall time from the
+    command's start to its exit (import, data preparation, model load, 60 steps, checkpoints, adapter save)."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    micro, accum, gc, env = _parse_ref_variant(variant)
+    n_rows = 40 if args.tiny else 500
+    data = work / f"reference-{n_rows}.jsonl"
+    if not data.is_file():
+        rows = reference_rows(AutoTokenizer.from_pretrained(model_dir), n_rows)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lengths = [json.loads(line)["tokens"] for line in data.read_text().splitlines()]
+    config = yaml.safe_load((ROOT / "configs" / "deepseek-r1-distill-llama-8b-medical.yaml").read_text())
+    config.update(run_name=f"reference-{variant.replace(':', '-')}", output_dir=str(work / "reference"))
+    config["model"].update(name=str(model_dir))
+    config["data"].update(path=str(data), name=None, train_rows=n_rows, heldout_rows=0)
+    config["lora"]["use_gradient_checkpointing"] = gc
+    config["training"].update(per_device_train_batch_size=micro, gradient_accumulation_steps=accum, logging_steps=1)
+    if args.tiny:
+        config["training"].update(max_steps=6, save_steps=3)
+    config["tracking"]["report_to"] = "none"
+    cfg_path = work / f"reference-{variant.replace(':', '-')}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run_dir = Path(config["output_dir"]) / config["run_name"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # each variant trains from scratch, never resumes
+
+    entry: dict[str, Any] = {"variant": variant, "micro_batch": micro, "accumulation": accum, "gc": gc, "env": env,
+                             "rows": n_rows, "row_tokens": {"mean": round(statistics.mean(lengths)),
+                                                            "median": statistics.median(lengths), "max": max(lengths)}}
+    t0 = time.monotonic()
+    rc = _run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(cfg_path)], deadline, log, f"reference {variant}",
+              extra_env=env)
+    entry["wall_s"] = round(time.monotonic() - t0, 1)
+    entry["exit_code"] = rc
+    summary_path = run_dir / "train" / "summary.json"
+    if rc == 0 and summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        entry.update(model_load_s=s.get("model_load_s"), train_s=s["train_runtime_s"], train_tokens=s["train_tokens"],
+                     tokens_per_s=s["train_tokens_per_s"], peak_memory_gib=s["peak_memory_gib"], steps=s["global_step"],
+                     losses=[x["loss"] for x in s["losses"]], adapter=str(run_dir / "train" / "adapter"))
+    return entry
+
+
+def _parse_ref_variant(variant: str) -> tuple[int, int, Any, dict[str, str]]:
+    """'8x1:true:padded' -> micro-batch 8, accumulation 1, use_gradient_checkpointing True, padded batches."""
+    parts = variant.split(":")
+    micro, accum = (int(x) for x in parts[0].split("x"))
+    gc = parts[1] if len(parts) > 1 else "unsloth"
+    gc_value: Any = {"true": True, "false": False}.get(gc, gc)
+    return micro, accum, gc_value, _padding_env("padded" in parts[2:])
+
+
+def _padding_env(padded: bool) -> dict[str, str]:
+    # Unsloth turns padding-free batching on by itself where it has not measured the GPU (H100 included);
+    # its varlen batches skip the per-block compile, so small micro-batches are bound by kernel launches.
+    return {"UNSLOTH_PADDING_CHOICE": "padded"} if padded else {}
+
+
+# ---- orchestration ------------------------------------------------------------------------------------
+
+def _run(cmd: list[str], deadline: float, log, label: str, cap_s: float | None = None,
+         extra_env: dict[str, str] | None = None) -> int | str:
+    """Run a command with its output appended to the log; stop it at the deadline (or its own cap)."""
+    left = deadline - time.monotonic()
+    timeout = min(left, cap_s) if cap_s else left
+    if timeout < 20:
+        log.write(f"\n=== {label}: skipped, {left:.0f} s left before the deadline\n")
+        log.flush()
+        return "skipped"
+    log.write(f"\n=== {label}: {' '.join(cmd[-4:])[:300]} (limit {timeout:.0f} s)\n")
+    log.flush()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timed out after {timeout:.0f} s"
+    log.write(f"=== {label}: exit {rc} after {time.monotonic() - t0:.0f} s\n")
+    log.flush()
+    print(f"{label}: exit {rc} after {time.monotonic() - t0:.0f} s", flush=True)
+    return rc
+
+
+def run_worker(kind: str, spec: dict, work: Path, deadline: float, log, label: str, cap_s: float | None = None) -> dict:
+    result = work / f"result-{label.replace(' ', '-').replace(':', '-')}.json"
+    result.unlink(missing_ok=True)
+    spec = {**spec, "result": str(result)}
+    rc = _run([sys.executable, __file__, "--worker", kind, "--spec", json.dumps(spec)], deadline, log, label, cap_s,
+              spec.get("env"))
+    data = json.loads(result.read_text()) if result.is_file() else {}
+    if rc != 0:
+        data["exit"] = rc
+    return data
+
+
+def environment() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    info: dict[str, Any] = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "versions": {}}
+    for pkg in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets", "triton"):
+        with contextlib.suppress(PackageNotFoundError):
+            info["versions"][pkg] = version(pkg)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[0]
+        info["gpu"], info["driver"], info["gpu_memory"] = (x.strip() for x in smi.split(","))
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        info["gpu"] = "unknown"
+    return info
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """Results of several runs (e.g. one per device call): later runs replace the same measurement."""
+    merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "train": {}, "reference": {}, "eval": {}}
+    for part in parts:
+        merged["meta"] = {**merged["meta"], **part.get("meta", {})}
+        merged["peak"] = part.get("peak") or merged["peak"]
+        if part.get("build") and not (part["build"].get("reused") and merged["build"]):  # keep the timed build
+            merged["build"] = part["build"]
+        for key in ("train", "reference", "eval"):
+            merged[key].update(part.get(key, {}))
+    return merged
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="peak,build,train,levers,reference,eval",
+                        help="comma-separated, run in this order: peak, build, train, levers, reference, eval")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same vocabulary: checks the benchmark, not the GPU")
+    parser.add_argument("--work", default="/tmp/medcot-bench", help="model, data and run folders (about 17 GB)")
+    parser.add_argument("--out", help="folder of the results JSON (default bench/results; WORK with --tiny)")
+    parser.add_argument("--log", help="every worker's output (default: WORK/bench.log)")
+    parser.add_argument("--deadline-s", type=float, default=3600, help="stop starting work after this many seconds")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per training shape (compilation)")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per training shape (Unsloth)")
+    parser.add_argument("--baseline-steps", type=int, default=2, help="timed steps per shape on the transformers path")
+    parser.add_argument("--reference", default="2x4:unsloth,8x1:unsloth",
+                        help="reference-workload variants MICROxACCUM:CHECKPOINTING[:padded], checkpointing unsloth, true or false")
+    parser.add_argument("--eval", default="unsloth-4bit,transformers-4bit,transformers-bf16-static",
+                        help="generation variants: unsloth-4bit, transformers-4bit, transformers-bf16-static")
+    parser.add_argument("--eval-batches", default="1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=1200, help="generated tokens per answer")
+    parser.add_argument("--baseline-new-tokens", type=int, default=128,
+                        help="generated tokens per answer for transformers-4bit (about 8 tokens/s at batch 1)")
+    parser.add_argument("--render", nargs="+", metavar="JSON", help="only write BENCHMARKS.md from these results")
+    parser.add_argument("--benchmarks-md", help="the report to write (default BENCHMARKS.md; WORK/BENCHMARKS.md with --tiny)")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        WORKERS[args.worker](json.loads(args.spec))
+        return 0
+    work = Path(args.work)
+    args.out = args.out or str(work if args.tiny else ROOT / "bench" / "results")
+    args.benchmarks_md = args.benchmarks_md or str(work / "BENCHMARKS.md" if args.tiny else ROOT / "BENCHMARKS.md")
+    if args.render:
+        results = merge_results([json.loads(Path(p).read_text()) for p in args.render])
+        write_benchmarks_md(Path(args.benchmarks_md), results)
+        print(f"wrote {args.benchmarks_md}")
+        return 0
+
+    deadline = time.monotonic() + args.deadline_s
+    out = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    arch = TINY if args.tiny else R1_DISTILL_LLAMA_8B
+    model_dir = work / ("tiny-llama" if args.tiny else "r1-distill-llama-8b-random")
+    meta = {**environment(), "tiny": args.tiny, "arch": arch, "sections": args.sections}
+    slug = re.sub(r"[^a-z0-9]+", "-", meta["gpu"].lower().replace("nvidia", "")).strip("-")
+    path = out / f"{meta['date']}-{slug}{'-tiny' if args.tiny else ''}.json"
+    results: dict[str, Any] = {"meta": meta, "peak": {}, "build": {}, "train": {}, "reference": {}, "eval": {}}
+    if path.is_file():  # a second run on the same day and GPU adds to the first
+        results = merge_results([json.loads(path.read_text()), {"meta": meta}])
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=2))
+        write_benchmarks_md(Path(args.benchmarks_md), results)
+
+    common = {"model_dir": str(model_dir), "work": str(work), "arch": arch}
+    log_path = Path(args.log) if args.log else work / "bench.log"
+    with log_path.open("a") as log:
+        for section in args.sections.split(","):
+            if section == "peak":
+                results["peak"] = run_worker("peak", common, work, deadline, log, "peak", cap_s=120)
+            elif section == "build":
+                results["build"] = run_worker("build", common, work, deadline, log, "build", cap_s=600)
+            elif section in ("train", "levers"):
+                if section == "train":
+                    runs = [("unsloth", "unsloth", False, TRAIN_SHAPES, args.steps),
+                            ("transformers", "unsloth", False, TRAIN_SHAPES, args.baseline_steps)]
+                else:  # Unsloth with padded batches, with plain checkpointing (no CPU offload), with none
+                    runs = [("unsloth", "unsloth", True, TRAIN_SHAPES, args.steps),
+                            ("unsloth", "true", False, TRAIN_SHAPES[1:], args.steps),
+                            ("unsloth", "false", False, TRAIN_SHAPES[1:], args.steps)]
+                for backend, gc, padded, shapes, steps in runs:
+                    key = f"{backend}:{gc}" + (":padded" if padded else "")
+                    spec = {**common, "backend": backend, "gc": gc, "shapes": shapes, "steps": steps,
+                            "warmup_steps": args.warmup_steps, "env": _padding_env(padded)}
+                    results["train"][key] = run_worker("train", spec, work, deadline, log, f"train {key}", cap_s=420)
+                    save()
+            elif section == "reference":
+                for variant in args.reference.split(","):
+                    results["reference"][variant] = run_reference(args, model_dir, work, variant, deadline, log)
+                    save()
+            elif section == "eval":
+                # The recipe run's adapter, when this work folder has one: the evaluate job's "after" case.
+                recipe = work / "reference" / "reference-2x4-unsloth" / "train" / "adapter"
+                adapter = str(recipe) if recipe.is_dir() else None
+                for variant in args.eval.split(","):
+                    tokens = args.baseline_new_tokens if variant == "transformers-4bit" else args.new_tokens
+                    spec = {**common, "variant": variant, "batches": [int(b) for b in args.eval_batches.split(",")],
+                            "new_tokens": tokens, "adapter": adapter}
+                    results["eval"][variant] = run_worker("eval", spec, work, deadline, log, f"eval {variant}", cap_s=600)
+                    save()
+            else:
+                parser.error(f"unknown section {section!r}")
+            save()
+    print(f"results: {path}; log: {log_path}\n")
+    print(render(results))
+    return 0
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+NOTES_HEADING = "## Notes"
+
+
+def write_benchmarks_md(path: Path, results: dict) -> None:
+    """The tables from the results; a hand-written `## Notes` section already in the file is kept."""
+    notes = ""
+    if path.is_file() and NOTES_HEADING in path.read_text():
+        notes = "\n" + path.read_text()[path.read_text().index(NOTES_HEADING):]
+    path.write_text(render(results) + notes)
+
+
+def _shape(results: dict, key: str, batch: int, seq: int) -> dict:
+    for entry in results["train"].get(key, {}).get("shapes", []):
+        if entry["batch"] == batch and entry["seq_len"] == seq:
+            return entry
+    return {}
+
+
+def _fmt(value: Any, spec: str = ",.0f", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:{spec}}{unit}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("**pass**" if ok else "**miss**")
+
+
+def render(results: dict) -> str:
+    meta, peak = results["meta"], results.get("peak", {}).get("matmul_bf16_tflops")
+    v = meta.get("versions", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured by `python3 bench/run.py` (`make bench`) on a Llama-3.1-8B-shaped model with random bf16 weights "
+        "(the architecture of DeepSeek-R1-Distill-Llama-8B), through medcot's own train and evaluate code. "
+        "See bench/README.md for what each number is and how it is counted. Targets are issue 5's.",
+        "",
+        f"- GPU: {meta.get('gpu')} ({meta.get('gpu_memory', '?')}), driver {meta.get('driver', '?')}; date {meta.get('date')}",
+        f"- torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
+        f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')} (zoo {v.get('unsloth_zoo')}), triton {v.get('triton')}, "
+        f"Python {meta.get('python')}",
+        f"- bf16 matmul peak of this GPU (8192^3, median): {_fmt(peak, ',.0f', ' TFLOP/s')}",
+    ]
+    if meta.get("tiny"):
+        lines.append("- **--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**")
+    build = results.get("build", {})
+    if build and not build.get("reused"):
+        lines.append(f"- model build: {_fmt(build.get('params', 0) / 1e9, '.2f')} B parameters, built on the GPU in "
+                     f"{build.get('build_s')} s, saved ({_fmt(build.get('bytes', 0) / 1e9, '.1f')} GB safetensors) in {build.get('save_s')} s")
+
+    def mfu(entry: dict) -> float | None:
+        if not entry.get("tokens_per_s") or not peak:
+            return None
+        return entry["tokens_per_s"] * entry["flops_per_token"] / (peak * 1e12)
+
+    lines += ["", "## Training (4-bit NF4 base, LoRA r 16 on all 7 projections, 8-bit AdamW, bf16)", "",
+              "`run_training` on rows of exactly batch x length tokens; tokens/s over the timed steps that follow the "
+              "warm-up steps (no compilation, start-up or checkpoint inside). MFU: model FLOPs (bench/README.md) over the "
+              "matmul peak above.", "",
+              "| path | checkpointing | batch x length | timed steps | tokens/s | peak GPU memory | MFU | model load |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, run in results["train"].items():
+        backend, gc, *padded = key.split(":")
+        gc = {"unsloth": "unsloth (offloaded)" if backend == "unsloth" else "plain", "true": "plain", "false": "none"}[gc]
+        backend += ", padded batches" if padded else ""
+        for entry in run.get("shapes", []):
+            lines.append(f"| {backend} | {gc} | {entry['batch']}x{entry['seq_len']} | {entry.get('steps', '—')} | "
+                         f"{_fmt(entry.get('tokens_per_s')) if 'error' not in entry else entry['error']} | "
+                         f"{_fmt(entry.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(mfu(entry), '.1%')} | {run.get('load_s', '—')} s |")
+        if run.get("exit") not in (None, 0):
+            lines.append(f"| {backend} | {gc} | (worker exit: {run['exit']}) | | | | | |")
+
+    lines += ["", "## Reference workload (the train job: 500 rows, 60 steps; wall time includes import and load)", "",
+              "| micro-batch x accumulation | checkpointing | wall | model load | train | tokens/s | peak GPU memory | final loss |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for e in results["reference"].values():
+        losses = e.get("losses") or [None]
+        padded = ", padded batches" if e.get("env") else ""
+        lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {e['gc']} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |")
+    ref_loss = _loss_agreement(results["reference"])
+    if ref_loss:
+        lines.append(f"\n{ref_loss}")
+
+    adapters = {run.get("adapter") for run in results["eval"].values()}
+    lines += ["", "## Generation (evaluate job's `generate`, greedy, every row generates the full length)", "",
+              "Prompts of 133 to 211 tokens, left-padded; tokens/s = generated tokens / time of the `generate` call, "
+              "after a 16-token warm-up with the same shapes. "
+              + ("With the reference run's trained adapter (unmerged LoRA on the 4-bit paths, merged into the bf16 "
+                 "weights for transformers-bf16-static)." if adapters - {None} else "Base model, no adapter."), "",
+              "| variant | batch | new tokens per row | generated tokens/s | peak GPU memory | model load |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for variant, run in results["eval"].items():
+        for e in run.get("batches", []):
+            lines.append(f"| {variant} | {e['batch']} | {e['new_tokens']} | "
+                         f"{_fmt(e.get('tokens_per_s'), ',.1f') if 'error' not in e else e['error']} | "
+                         f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {run.get('load_s', '—')} s |")
+        if run.get("exit") not in (None, 0):
+            lines.append(f"| {variant} | (worker exit: {run['exit']}) | | | | |")
+
+    lines += ["", "## Issue 5's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    for name, measured, ok in _targets(results, mfu):
+        lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_agreement(reference: dict) -> str | None:
+    runs = [(k, e["losses"]) for k, e in reference.items() if e.get("losses")]
+    if len(runs) < 2:
+        return None
+    (k0, base), parts = runs[0], []
+    for key, losses in runs[1:]:
+        n = min(len(base), len(losses))
+        worst = max(abs(a - b) for a, b in zip(base[:n], losses[:n], strict=True))
+        parts.append(f"{key} vs {k0}: largest per-step loss difference {worst:.4f} over {n} steps")
+    return "Same rows in the same order, same global batch: " + "; ".join(parts) + "."
+
+
+def _targets(results: dict, mfu) -> list[tuple[str, str, bool | None]]:
+    t = TARGETS
+    uns = _shape(results, "unsloth:unsloth", 2, 2048)
+    base = _shape(results, "transformers:unsloth", 2, 2048)
+    out: list[tuple[str, str, bool | None]] = []
+    tps = uns.get("tokens_per_s")
+    out.append((f"train, Unsloth 2x2048 >= {t['unsloth_2x2048_tokens_per_s']:,} tokens/s", _fmt(tps),
+                None if tps is None else tps >= t["unsloth_2x2048_tokens_per_s"]))
+    ratio = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
+    out.append((f"train, Unsloth >= {t['unsloth_vs_transformers_2x2048']}x transformers at 2x2048", _fmt(ratio, '.2f', 'x'),
+                None if ratio is None else ratio >= t["unsloth_vs_transformers_2x2048"]))
+    mem = uns.get("peak_memory_gib")
+    out.append((f"train, Unsloth 2x2048 peak <= {t['unsloth_2x2048_peak_gib']:.0f} GiB", _fmt(mem, '.1f', ' GiB'),
+                None if mem is None else mem <= t["unsloth_2x2048_peak_gib"]))
+    mfus = {k: mfu(_shape(results, k, 8, 2048)) for k in results["train"] if k.startswith("unsloth")}
+    mfus = {k: m for k, m in mfus.items() if m is not None}
+    if mfus:
+        best = max(mfus, key=mfus.get)
+        shown = ", ".join(f"{m:.1%} (checkpointing {k.split(':')[1]})" for k, m in mfus.items())
+        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", shown, mfus[best] >= t["mfu_8x2048"]))
+    else:
+        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", "—", None))
+    walls = {k: e["wall_s"] for k, e in results["reference"].items() if e.get("exit_code") == 0}
+    if walls:
+        shown = ", ".join(f"{w:.0f} s ({k})" for k, w in walls.items())
+        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", shown, min(walls.values()) <= t["reference_wall_s"]))
+    else:
+        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", "—", None))
+
+    def rate(variant: str, batch: int) -> float | None:
+        for e in results["eval"].get(variant, {}).get("batches", []):
+            if e["batch"] == batch:
+                return e.get("tokens_per_s")
+        return None
+
+    fast = [v for v in results["eval"] if v != "transformers-4bit"]
+    for batch, key in ((32, "eval_b32_tokens_per_s"), (1, "eval_b1_tokens_per_s")):
+        rates = {v: rate(v, batch) for v in fast if rate(v, batch)}
+        best = max(rates, key=rates.get) if rates else None
+        out.append((f"eval, batch {batch} >= {t[key]:,} tokens/s", ", ".join(f"{r:,.0f} ({v})" for v, r in rates.items()) or "—",
+                    None if best is None else rates[best] >= t[key]))
+    ratios = []
+    for batch in (1, 8, 32):
+        baseline = rate("transformers-4bit", batch)
+        rates = [rate(v, batch) for v in fast if rate(v, batch)]
+        if baseline and rates:
+            ratios.append((batch, max(rates) / baseline))
+    out.append((f"eval, best >= {t['eval_vs_transformers_4bit']:.0f}x transformers 4-bit at each batch",
+                ", ".join(f"{r:.1f}x (batch {b})" for b, r in ratios) or "—",
+                None if not ratios else min(r for _, r in ratios) >= t["eval_vs_transformers_4bit"]))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

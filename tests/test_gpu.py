@@ -1,0 +1,178 @@
+"""The GPU path on a small random Llama, per backend: load the base in 4-bit NF4, train with the recipe's
+LoRA settings through the train job, generate with the trained adapter, save it, merge to 16 bits.
+
+Runs where a CUDA GPU is visible (`pytest -m gpu` on the device machine); elsewhere each test is skipped
+with the reason. Each backend runs in its own Python process (this file run as a script): Unsloth patches
+transformers, TRL and peft when it is imported, so in a shared process the transformers backend would run
+Unsloth's kernels, and Unsloth would miss the modules that other test files imported before it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample" / "medical_o1_sample.jsonl"
+TRAIN_STEPS = 6
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)"),
+]
+BACKENDS = [
+    pytest.param("unsloth", marks=pytest.mark.skipif(
+        importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed (make setup-gpu)")),
+    "transformers",
+]
+
+
+def build_small_llama(folder: Path) -> Path:
+    """4 layers, hidden 256, head size 64, bf16 weights: dimensions that bitsandbytes' 4-bit kernels and
+    Unsloth's fused LoRA kernels accept (multiples of 64), with the tiny BPE tokenizer of conftest."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tiny_llama
+
+    build_tiny_llama(folder, pad_is_eos=False)  # its tokenizer stays; the model is replaced below
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def overrides(backend: str, model_dir: Path, work: Path) -> list[str]:
+    """The recipe (4-bit, LoRA r 16 on all 7 projections, Unsloth checkpointing, 8-bit AdamW) on the sample data."""
+    return [
+        f"model.name={model_dir}", f"model.backend={backend}", "model.load_in_4bit=true", "model.max_seq_length=1024",
+        f"data.path={SAMPLE}", "data.train_rows=40", "data.heldout_rows=0",
+        f"output_dir={work / 'outputs'}", f"run_name={backend}",
+        "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2",
+        f"training.max_steps={TRAIN_STEPS}", "training.warmup_steps=1", "training.logging_steps=1",
+        "training.save_steps=3", "training.learning_rate=2e-3", "tracking.report_to=none",
+    ]
+
+
+def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
+    """Train job, inference with the adapter, merge job; in this process, which must not have imported
+    transformers yet. Returns what the tests check."""
+    from medcot.config import load_config
+    from medcot.modeling import select_backend
+
+    config = load_config(None, overrides(backend, model_dir, work))
+    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers
+    from medcot.evaluate import generate
+    from medcot.merge import merge_stage
+    from medcot.modeling import load_with_adapter
+    from medcot.prompts import inference_prompt
+    from medcot.training import train_stage
+
+    assert train_stage(config, runtime) == 0
+    train_dir = config.run_dir / "train"
+    summary = json.loads((train_dir / "summary.json").read_text())
+
+    model, tokenizer = load_with_adapter(config, runtime, train_dir / "adapter")
+    outputs, _ = generate(model, tokenizer, [inference_prompt("What causes stress incontinence?")] * 2,
+                          max_new_tokens=8, min_new_tokens=8, batch_size=2)
+    generate_peak = torch.cuda.max_memory_allocated() / 2**30
+    del model
+    torch.cuda.empty_cache()
+
+    assert merge_stage(config, runtime) == 0
+    return {
+        "backend": runtime.backend,
+        "summary": summary,
+        "generated_tokens": [o["generated_tokens"] for o in outputs],
+        "generate_peak_gib": generate_peak,
+        "adapter": str(train_dir / "adapter"),
+        "merged": str(config.run_dir / "merge" / "model"),
+    }
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> Path:
+    return build_small_llama(tmp_path_factory.mktemp("small-llama"))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pipeline(request, small_llama, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp(f"gpu-{request.param}")
+    result = work / "result.json"
+    proc = subprocess.run([sys.executable, __file__, request.param, str(small_llama), str(work), str(result)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, f"{request.param} pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+    return {**json.loads(result.read_text()), "base": small_llama}
+
+
+def test_backend_is_the_one_asked_for_and_base_is_4bit(pipeline):
+    assert pipeline["summary"]["backend"] == pipeline["backend"]
+    assert pipeline["summary"]["load_in_4bit"] is True and pipeline["summary"]["device"] == "cuda"
+
+
+def test_training_loss_is_finite_and_decreases(pipeline):
+    losses = [entry["loss"] for entry in pipeline["summary"]["losses"]]
+    assert len(losses) == TRAIN_STEPS and pipeline["summary"]["global_step"] == TRAIN_STEPS
+    assert all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0], losses
+
+
+def test_peak_gpu_memory_stays_small(pipeline):
+    # A 4-layer model whose weights are 2 MB: anything near a GiB means something is held or upcast twice.
+    assert pipeline["summary"]["peak_memory_gib"] < 1.0
+    assert pipeline["generate_peak_gib"] < 1.0
+
+
+def test_generation_with_the_adapter_produces_the_requested_tokens(pipeline):
+    assert pipeline["generated_tokens"] == [8, 8]
+
+
+def test_saved_adapter_loads_with_plain_peft_and_is_trained(pipeline):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(pipeline["adapter"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(pipeline["base"], dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == 4 * 7  # every layer, all seven projections
+    assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it was trained and saved
+
+
+def test_merged_16bit_model_is_base_plus_lora_delta_in_plain_transformers(pipeline):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(pipeline["merged"])
+    base = AutoModelForCausalLM.from_pretrained(pipeline["base"], dtype=torch.float32)
+    assert merged.dtype in (torch.float16, torch.bfloat16)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+    adapter = load_file(str(Path(pipeline["adapter"]) / "adapter_model.safetensors"))
+    a = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_A" in k).float()
+    b = next(v for k, v in adapter.items() if "layers.0.self_attn.q_proj.lora_B" in k).float()
+    scale = 16 / 16  # lora_alpha / r of the recipe
+    expected = base.model.layers[0].self_attn.q_proj.weight + scale * b @ a
+    got = merged.model.layers[0].self_attn.q_proj.weight.float()
+    assert torch.linalg.norm(got - expected) / torch.linalg.norm(b @ a) < 0.1  # 16-bit rounding of the sum
+
+    ids = torch.tensor([[0, 5, 6, 7, 8]])
+    assert torch.isfinite(merged(ids).logits).all()
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    backend_name, model_path, work_path, result_path = sys.argv[1:5]
+    Path(result_path).write_text(json.dumps(run_pipeline(backend_name, Path(model_path), Path(work_path))))
