@@ -73,7 +73,7 @@ def parse_job_args(job: str, doc: str | None = None, argv: list[str] | None = No
     except ConfigError as e:
         if args.help:
             parser.print_help()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.help:
         parser.print_help()
@@ -95,4 +95,9 @@ def run_job(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         log.error("interrupted")
         raise SystemExit(130) from None
+    except Exception:
+        # A bug (ours or a library's): the traceback is kept, but printed through the log, which masks
+        # secrets in it; Python's own printing of an uncaught exception would not.
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        raise SystemExit(1) from None
     raise SystemExit(code or 0)

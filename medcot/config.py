@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medcot.secrets import redact
+
 
 class ConfigError(ValueError):
     """A user-fixable problem with a config file or an override: the message says where and what to do."""
@@ -251,7 +253,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    # redact: a token pasted into a value (a signed URL, say) is never written out.
+    path.write_text(redact(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)), encoding="utf-8")
 
 
 def describe(config: RunConfig) -> str:

@@ -86,14 +86,23 @@ class PreparedData:
     report: DropReport
 
 
+def _encoding_advice(head: bytes) -> str:
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "the file is UTF-16 (it starts with a UTF-16 byte-order mark); re-encode it as UTF-8"
+    if head.startswith(b"\x1f\x8b"):
+        return "the file is a gzip archive; decompress it (gunzip) first"
+    return "re-encode the file as UTF-8"
+
+
 def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on line 1: a byte-order mark (Excel, Notepad) is not part of the JSON.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(
-                    f"{path}: line {lineno} is not UTF-8 text (byte {e.start}); re-encode the file as UTF-8"
+                    f"{path}: line {lineno} is not UTF-8 text (byte {e.start}); {_encoding_advice(raw if lineno == 1 else b'')}"
                 ) from None
             if not line.strip():
                 continue
@@ -108,7 +117,7 @@ def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
     except json.JSONDecodeError as e:
@@ -122,7 +131,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
@@ -145,6 +154,8 @@ def read_rows(path: str, name: str | None = None, split: str = "train", revision
     """Rows of a local file or a Hub dataset split (the first `limit` rows), and a label for messages."""
     local = Path(path)
     if local.suffix.lower() in LOCAL_SUFFIXES or local.exists():
+        if local.is_dir():
+            raise DataError(f"data.path {local} is a folder; set it to a .jsonl/.json/.parquet/.csv file in it")
         if not local.is_file():
             raise DataError(f"data file {local} does not exist; set data.path to a .jsonl/.json/.parquet/.csv file or a Hub dataset id")
         suffix = local.suffix.lower()
@@ -173,7 +184,7 @@ def read_rows(path: str, name: str | None = None, split: str = "train", revision
     label = f"{path} ({name or 'default'}, {split_spec})"
     try:
         ds = datasets.load_dataset(path, name, split=split_spec, revision=revision)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"could not load Hub dataset {label}: {e}") from None
     return ds.to_list(), label
 
@@ -200,6 +211,10 @@ def _invalid_reason(row: dict[str, Any], columns: ColumnsConfig) -> str | None:
             return f"non-string {role}"
         if not value.strip():
             return f"empty {role}"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON \ud800 escape: no tokenizer takes it
+            return f"invalid Unicode in {role}"
         if any(marker in value for marker in TEMPLATE_MARKERS):
             if role == "cot" and (THINK_CLOSE in value or THINK_OPEN in value):
                 return "think tag inside the CoT"

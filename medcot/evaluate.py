@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from medcot.config import McqSourceConfig, RunConfig
 from medcot.data import DataError, Example, prepare, read_rows, tokenize_example
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
+from medcot.resources import SplitState, resource_errors, split_on_oom
 from medcot.rundir import RunDir, StageError, write_json
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     results: list[dict | None] = [None] * len(prompts)
     eos_ids = _eos_ids(model, tokenizer)
     generated_total, t0 = 0, time.monotonic()
+    split = SplitState()
     bar = tqdm(total=len(prompts), desc=desc, unit="q", mininterval=2.0)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -103,7 +106,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
-        out = model.generate(**batch, **kwargs)
+        # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
+        out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
@@ -142,6 +146,7 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
     """(sum of NLL, token count) of the reference `<think>` reasoning, answer and EOS given the prompt."""
     device = next(model.parameters()).device
     losses = []
+    split = SplitState()
     for start in range(0, len(examples), batch_size):
         encoded = [tokenize_example(ex, tokenizer) for ex in examples[start:start + batch_size]]
         width = max(len(e["input_ids"]) for e in encoded)
@@ -155,12 +160,17 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
             mask[r, :n] = 1
             target[r, :n] = torch.tensor(e["completion_mask"], dtype=torch.bool)
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = split_on_oom(partial(_token_nll, model), {"input_ids": ids, "attention_mask": mask}, pad_value=0.0, state=split)
         scored = target[:, 1:]
         for r in range(len(encoded)):
             losses.append((float(nll[r][scored[r]].sum()), int(scored[r].sum())))
     return losses
+
+
+def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of each next token, [rows, width - 1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -197,18 +207,19 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
              sum(i.source.startswith("mcq:") for i in items), config.eval.max_new_tokens)
 
     t0 = time.monotonic()
-    model, tokenizer = load_with_adapter(config, runtime, adapter)
-    log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
+    with resource_errors(config, "eval", run.root):  # out of memory: says which config changes need less
+        model, tokenizer = load_with_adapter(config, runtime, adapter)
+        log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
 
-    losses = heldout_token_losses(model, tokenizer, data.heldout, config.eval.batch_size) if data.heldout else None
-    if losses:
-        total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
-        log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
+        losses = heldout_token_losses(model, tokenizer, data.heldout, config.eval.batch_size) if data.heldout else None
+        if losses:
+            total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
+            log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
 
-    outputs, seconds = generate(
-        model, tokenizer, [inference_prompt(i.question) for i in items], max_new_tokens=config.eval.max_new_tokens,
-        batch_size=config.eval.batch_size, do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name,
-    )
+        outputs, seconds = generate(
+            model, tokenizer, [inference_prompt(i.question) for i in items], max_new_tokens=config.eval.max_new_tokens,
+            batch_size=config.eval.batch_size, do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name,
+        )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2))

@@ -39,9 +39,9 @@ def split_training_text(question: str, cot: str, response: str, eos_token: str) 
     The prompt ends right after `### Response:\\n`, so loss masking on the prompt covers the
     instruction and question, and the completion (`<think>...</think>` answer and EOS) is supervised.
     """
-    full = TRAIN_TEMPLATE.format(question, cot, response) + eos_token
-    cut = full.index(RESPONSE_MARKER) + len(RESPONSE_MARKER) + 1
-    return full[:cut], full[cut:]
+    # The prompt is the header alone: searching the text for the marker would cut inside a question that quotes it.
+    prompt = _HEADER.format(question)
+    return prompt, (TRAIN_TEMPLATE.format(question, cot, response) + eos_token)[len(prompt):]
 
 
 def training_text(question: str, cot: str, response: str, eos_token: str) -> str:

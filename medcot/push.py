@@ -589,7 +589,9 @@ def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bo
     """The push job: a dry run writes `<run>/push-dry-run/`; a real push publishes the `push/` stage."""
     run = RunDir(config.run_dir)
     if dry_run:
-        push(config, run.root, token, dry_run=True, out_dir=run.root / DRY_RUN_DIR, endpoint=endpoint)
+        # Published like a stage (written aside, renamed into place), so a killed dry run leaves no half plan.
+        with run.publishing(DRY_RUN_DIR, config.section_hash("push")) as (tmp, _):
+            push(config, run.root, token, dry_run=True, out_dir=tmp, endpoint=endpoint)
         return 0
     require_repo_id(config)
     _, inputs = _sources(config, run)

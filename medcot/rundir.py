@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -144,6 +145,7 @@ class RunDir:
         """
         staging_root = self.root / ".staging"
         staging_root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers(name)
         tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
         manifest = Manifest(stage=name, config_hash=config_hash, inputs=dict(inputs or {}),
                             started_at=_now(), versions=versions())
@@ -155,8 +157,11 @@ class RunDir:
             _write_json_atomic(tmp / MANIFEST, manifest.__dict__)
             _fsync_dir(tmp)
             self._swap_in(tmp, self.stage(name))
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(tmp, ignore_errors=True)
+            from medcot.resources import raise_if_disk_full  # it builds on this module
+
+            raise_if_disk_full(error, self.root, f"Nothing of '{name}' was published; an earlier result is unchanged.")
             raise
 
     def _swap_in(self, new: Path, final: Path) -> None:
@@ -170,6 +175,14 @@ class RunDir:
         else:
             os.replace(new, final)
         _fsync_dir(final.parent)
+
+    def _remove_leftovers(self, name: str) -> None:
+        """Remove what an earlier run of this stage left when it was killed mid-write (never published), so
+        that repeated preemptions do not fill the disk with copies of a model."""
+        own = re.compile(rf"^(\.staging/{re.escape(name)}-[a-z0-9_]{{8}}|\.old-{re.escape(name)}-\d+-\d+)$")
+        for path in [*(self.root / ".staging").glob("*"), *self.root.glob(".old-*")]:
+            if own.match(path.relative_to(self.root).as_posix()):
+                shutil.rmtree(path, ignore_errors=True)
 
     def clean_staging(self) -> None:
         """Remove leftovers of stages killed mid-write; they were never published."""
