@@ -6,7 +6,7 @@ import torch
 from medcot.config import load_config
 from medcot.data import prepare
 from medcot.evaluate import heldout_token_losses
-from medcot.modeling import load_with_adapter, select_backend
+from medcot.modeling import load_with_adapter, resolve_model_path, select_backend
 from medcot.training import train_stage
 
 from conftest import ROOT
@@ -36,5 +36,5 @@ def test_demo_training_lowers_the_heldout_loss_and_the_adapter_loads_with_peft(t
     print(f"SmolLM2 held-out loss: before {before:.4f}, after {after:.4f}")
     assert after < before - 0.05
 
-    base = AutoModelForCausalLM.from_pretrained(str(model.peft_config["default"].base_model_name_or_path), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.model.name), dtype=torch.float32)
     assert isinstance(PeftModel.from_pretrained(base, adapter), PeftModel)
