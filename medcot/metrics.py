@@ -161,7 +161,10 @@ def parse_choice(text: str, letters: Sequence[str] | None = None,
     exactly one option's text counts as that option.
     """
     opts = {str(k).strip().upper(): v for k, v in (options or {}).items()}
-    valid = {x.upper() for x in letters} if letters is not None else set(opts) or set(DEFAULT_LETTERS)
+    if letters is not None:
+        valid = {x.upper() for x in letters}
+    else:  # given options, and only those, are the valid letters (none when the mapping is empty)
+        valid = set(opts) if options is not None else set(DEFAULT_LETTERS)
     clean = _MARKUP.sub("", text or "")
     tiers: list[Callable[[], list[str]]] = [
         lambda: [m.group(1).upper()] if (m := _WHOLE.match(clean)) else [],

@@ -20,6 +20,16 @@ for secret in ("HF_TOKEN", "WANDB_API_KEY"):
     os.environ.pop(secret, None)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Jobs export settings for the libraries they drive (WANDB_RUN_ID, WANDB_DIR, HF_TOKEN, ...); run
+    in-process by a test, those must not leak into the next test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def sample_rows() -> list[dict]:
     return [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
 

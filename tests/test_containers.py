@@ -265,11 +265,17 @@ def in_host_paths(value: str, mounts: dict[str, Path]) -> str:
     return value
 
 
+CHAIN_OVERRIDES = ("training.max_steps=2 training.save_steps=1 training.logging_steps=1 eval.max_new_tokens=16 "
+                   "eval.heldout_limit=2 data.heldout_rows=4 eval.mcq=[]")
+
+
 @pytest.mark.slow
 @needs_compose
 def test_chain_runs_to_a_merged_model_and_a_dry_run_push_without_leaking_tokens(tmp_path):
+    # The demo config, shrunk through the OVERRIDES variable users have too: this proves the chain, not the
+    # model (tests/test_smollm2.py and `make demo` do that), and a CPU runs each stage in seconds instead of minutes.
     project = compose_config(tmp_path, CONFIG="configs/demo.yaml", RUN_NAME="compose-chain",
-                             HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY)
+                             OVERRIDES=CHAIN_OVERRIDES, HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY)
     services = project["services"]
     order = chain_order(services)
     assert order[0] == "evaluate-before" and order.index("merge") < order.index("push-dry-run")

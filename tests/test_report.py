@@ -130,7 +130,8 @@ def test_report_is_published_with_a_manifest_of_its_inputs_into_a_chosen_folder(
 
 
 def test_report_if_ready_waits_for_both_evaluations_then_writes_the_report(tmp_path, caplog):
-    config = RunConfig(output_dir=str(tmp_path), run_name="run")
+    # W&B off: wandb keeps process-wide settings from its first init, which would leak into later tests.
+    config = RunConfig(output_dir=str(tmp_path), run_name="run", tracking={"report_to": "none"})
     rd = RunDir(config.run_dir)
     publish_eval(rd, "eval-before", after=False)
     caplog.set_level("INFO", logger="medcot.report")
