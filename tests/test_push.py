@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hub_server import HubServer  # tests/ is on sys.path under pytest's default import mode
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 
 from medcot.config import RunConfig
 from medcot.push import CARD_MARKER, PLAN_FILE, PushError, build_model_card, preflight, push
 from medcot.rundir import RunDir, StageError, write_json
+
+from hub_server import HubServer  # tests/ is on sys.path under pytest's default import mode
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITE, READ, INVALID = "hf_write_alice_0123456789", "hf_read_alice_0123456789", "hf_invalid_0123456789"
