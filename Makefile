@@ -78,7 +78,7 @@ lint: setup  ## ruff
 bench: setup-gpu  ## GPU benchmarks on a Llama-3.1-8B-shaped model -> bench/results, BENCHMARKS.md
 	$(PY) bench/run.py $(ARGS)
 
-# -- Containers: the same chain on a cloud GPU VM (docs/cloud-gpu-vm.md) -------------------------------------
+# -- Containers: the same chain on a cloud GPU VM (README: Run on a cloud GPU VM) -------------------------------------
 # The image's CUDA version (docker/Dockerfile): 12.8.1 needs a host driver >= 570, 12.6.3 >= 560. Set with `:=`
 # because CUDA environments export a CUDA_VERSION of their own, which must not choose the image's.
 CUDA_VERSION := 12.8.1
