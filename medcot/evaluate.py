@@ -194,7 +194,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         adapter = run.stage("train") / "adapter"
     config_hash = config.section_hash(*STAGE_SECTIONS)
     if run.check_done(name, config_hash, inputs, force):
-        log.info("%s: already finished in %s with this config and inputs; nothing to do (--force redoes it)", name, run.stage(name))
+        log.info("%s: already finished in %s with this config and inputs; nothing to do (delete the stage folder to redo it)", name, run.stage(name))
         return 0
 
     tokenizer = load_tokenizer(resolve_model_path(config.model.name), config.model.revision)

@@ -48,7 +48,7 @@ def merge_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     inputs = {"train": train.identity()}
     config_hash = config.section_hash("model", "merge")
     if run.check_done("merge", config_hash, inputs, force):
-        log.info("merge: already finished in %s with this adapter; nothing to do (--force redoes it)", run.stage("merge"))
+        log.info("merge: already finished in %s with this adapter; nothing to do (delete the stage folder to redo it)", run.stage("merge"))
         return 0
     adapter = run.stage("train") / "adapter"
     with run.publishing("merge", config_hash, inputs) as (tmp, manifest):

@@ -597,7 +597,7 @@ def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bo
     _, inputs = _sources(config, run)
     config_hash = config.section_hash("push")
     if run.check_done("push", config_hash, inputs, force):
-        log.info("push: %s was already pushed from this run with this config; nothing to do (--force pushes again)",
+        log.info("push: %s was already pushed from this run with this config; nothing to do (delete the push folder to push again)",
                  config.push.repo_id)
         return 0
     with run.publishing("push", config_hash, inputs) as (tmp, manifest):

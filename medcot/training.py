@@ -319,7 +319,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     config_hash = config.section_hash(*STAGE_SECTIONS)
     inputs = data_inputs(config)
     if run.check_done("train", config_hash, inputs, force):
-        log.info("train: already finished in %s with this config and data; nothing to do (--force redoes it)", run.stage("train"))
+        log.info("train: already finished in %s with this config and data; nothing to do (delete the stage folder to redo it)", run.stage("train"))
         return 0
     check_target_modules(config)
 
