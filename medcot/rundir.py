@@ -184,11 +184,6 @@ class RunDir:
             if own.match(path.relative_to(self.root).as_posix()):
                 shutil.rmtree(path, ignore_errors=True)
 
-    def clean_staging(self) -> None:
-        """Remove leftovers of stages killed mid-write; they were never published."""
-        shutil.rmtree(self.root / ".staging", ignore_errors=True)
-        for old in self.root.glob(".old-*"):
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _now() -> str:

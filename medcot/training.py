@@ -28,7 +28,6 @@ from medcot.config import RunConfig
 from medcot.data import Example, tokenize_example
 from medcot.modeling import Runtime
 from medcot.resources import resource_errors
-from medcot.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +288,6 @@ def save_adapter(model, tokenizer, folder: Path) -> None:
     for leftover in folder.glob("README.md"):
         # peft writes a template model card that names no medcot provenance; the push job writes the real one.
         leftover.unlink()
-
-
-def scrub(text: str) -> str:
-    return redact(text)
 
 
 # ---- the train stage -------------------------------------------------------------------------------
