@@ -22,11 +22,12 @@ def add_stage(parser) -> None:
 def main() -> int:
     config, args = parse_job_args("evaluate", __doc__, extra=add_stage)
     from medcot.data import DataError
-    from medcot.modeling import BackendError, select_backend
+    from medcot.modeling import BackendError, plan_eval_model, select_backend
     from medcot.rundir import StageError
 
     register_user_error(DataError, BackendError, StageError)
-    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
+    model_config, _ = plan_eval_model(config)  # eval.weights: 4-bit or 16-bit, by the GPU's free memory
+    runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers loads
     from medcot.evaluate import evaluate_stage
     from medcot.report import report_if_ready
 

@@ -108,6 +108,12 @@ class TrainingConfig(_Section):
         "all", description="Supervise the whole text (as the recipe) or only the response after '### Response:'."
     )
     packing: bool = Field(False, description="Pack rows into full-length sequences (changes rows per step).")
+    padding_free: bool | None = Field(
+        None,
+        description="Micro-batch layout: true = rows flattened into one sequence without pad tokens; false = rows "
+        "padded to the longest (on the Unsloth path this lets it compile each decoder block); null = Unsloth's own "
+        "choice (padding-free on GPUs it has not measured, H100 included), padded on the transformers path.",
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
     @model_validator(mode="after")
@@ -130,6 +136,13 @@ class McqSourceConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(1200, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together (left padding).")
+    weights: Literal["auto", "4bit", "16bit"] = Field(
+        "auto",
+        description="Model evaluated on a GPU: 16bit = full-precision base with the adapter merged (what the merge "
+        "job ships), decoded by transformers with a static KV cache it compiles; 4bit = the 4-bit base with the "
+        "adapter unmerged (Unsloth's fast inference when model.backend allows); auto = 16bit where the GPU has "
+        "room for the weights and the KV cache, else 4bit. CPU always evaluates full precision.",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
     heldout_limit: int | None = Field(None, gt=0, description="Generate for at most N held-out rows (null = all).")

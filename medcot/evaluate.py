@@ -222,7 +222,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
-    summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2))
+    summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
+                   weights="4bit" if runtime.load_in_4bit else runtime.dtype_name)
 
     with run.publishing(name, config_hash, inputs) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:

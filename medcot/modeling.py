@@ -12,8 +12,11 @@ in transformers (medcot.training, medcot.evaluate, medcot.merge).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,5 +239,97 @@ def load_with_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path | N
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
+    elif runtime.device == "cuda" and not runtime.load_in_4bit:
+        # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
+        # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.
+        model.generation_config.cache_implementation = "static"
     model.eval()
     return model, tokenizer
+
+
+# ---- what the evaluate job loads -------------------------------------------------------------------
+
+PROMPT_TOKENS_BUDGET = 512  # prompt length assumed when sizing the KV cache (the inference prompt + a long question)
+EVAL_MARGIN_BYTES = 2 * 2**30  # CUDA context, compiled graphs, allocator slack
+
+
+def plan_eval_model(config: RunConfig) -> tuple[ModelConfig, str]:
+    """(model settings the evaluate job loads with, '4bit' | '16bit'); see EvalConfig.weights.
+
+    16-bit runs on transformers whatever model.backend says: it compiles the decoding step for a static
+    KV cache, which Unsloth's decoding does not do (BENCHMARKS.md: 16-bit static beat Unsloth 4-bit).
+    """
+    if not _cuda_available():
+        return config.model, "16bit"  # 4-bit needs CUDA: select_backend loads full precision and says so
+    free = None
+    if config.eval.weights == "auto" and config.model.load_in_4bit:
+        import torch
+
+        free = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]
+    weights = choose_eval_weights(config, free)
+    if weights == "4bit":
+        return config.model.model_copy(update={"load_in_4bit": True}), "4bit"
+    return config.model.model_copy(update={"load_in_4bit": False, "backend": "transformers"}), "16bit"
+
+
+def choose_eval_weights(config: RunConfig, free_bytes: int | None) -> str:
+    """eval.weights resolved on a GPU with `free_bytes` of free memory."""
+    if config.eval.weights != "auto":
+        return config.eval.weights
+    if not config.model.load_in_4bit:
+        return "16bit"  # trained on 16-bit weights: evaluate the same
+    need = eval_memory_bytes_16bit(config)
+    choice = "16bit" if need is not None and free_bytes is not None and need <= free_bytes else "4bit"
+    log.info("eval.weights auto -> %s (16-bit weights and KV cache need %s; %s free on the GPU)", choice,
+             f"{need / 2**30:.1f} GiB" if need else "an unknown amount",
+             f"{free_bytes / 2**30:.1f} GiB" if free_bytes is not None else "unknown")
+    return choice
+
+
+def eval_memory_bytes_16bit(config: RunConfig) -> int | None:
+    """GPU memory the 16-bit evaluation needs: weights, KV cache of a full batch, margin; None if unknown."""
+    path = resolve_model_path(config.model.name)
+    try:
+        model_config = _read_json(path, "config.json", config.model.revision)
+        params = parameter_count(path, config.model.revision)
+    except Exception as e:  # noqa: BLE001 -- sizing is advisory: any failure means "not sure it fits"
+        log.info("cannot size %s for 16-bit evaluation (%s)", config.model.name, e)
+        return None
+    if model_config.get("quantization_config"):
+        return None  # a pre-quantized checkpoint has no 16-bit weights to load
+    text = model_config.get("text_config", model_config)
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    per_token = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim * 2
+    tokens = config.eval.batch_size * (PROMPT_TOKENS_BUDGET + config.eval.max_new_tokens)
+    logits = config.eval.batch_size * text["vocab_size"] * 4 * 4  # last-position logits in fp32, a few copies
+    weights = params * 2
+    return math.ceil(weights * 1.05) + per_token * tokens + logits + EVAL_MARGIN_BYTES
+
+
+def _read_json(path: str, filename: str, revision: str | None) -> dict[str, Any]:
+    local = Path(path) / filename
+    if Path(path).is_dir():
+        return json.loads(local.read_text(encoding="utf-8"))
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(path, filename, revision=revision)).read_text(encoding="utf-8"))
+
+
+def parameter_count(path: str, revision: str | None = None) -> int:
+    """Parameters stored in a model's safetensors files (read from their headers, not their data)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import get_safetensors_metadata
+
+        return sum(get_safetensors_metadata(path, revision=revision).parameter_count.values())
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {folder}")
+    total = 0
+    for file in files:
+        with file.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total

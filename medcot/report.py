@@ -218,6 +218,17 @@ def _html(title: str, intro: list[str], rows: list[dict[str, Any]], notes: list[
 
 # ------------------------------------------------------------------------------------------ public
 
+def _weights_lines(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Which weights each stage generated with; a warning when they differ (the comparison then mixes two effects)."""
+    wb, wa = before.get("weights"), after.get("weights")
+    if not wb or not wa:
+        return []
+    if wb == wa:
+        return [f"Both stages generated with {wb} weights."]
+    return [f"Warning: before generated with {wb} weights, after with {wa}: the difference mixes training with "
+            "quantisation. Set eval.weights to one value and rerun both stages to compare like with like."]
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write report.md, report.html and the plots of a run; returns the paths of the two reports."""
     rd = RunDir(run_dir)
@@ -238,7 +249,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
              f"{manifests['eval-before'].finished_at}). After: fine-tuned, {after['n_generated']} answers "
              f"(eval-after finished {manifests['eval-after'].finished_at})."]
     notes = ["Intervals are 95%: Wilson for rates and accuracies, percentile bootstrap for means, medians and loss. "
-             "Format = closed think block and a non-empty final answer.", *_unparseable_lines(before, after)]
+             "Format = closed think block and a non-empty final answer.", *_unparseable_lines(before, after),
+             *_weights_lines(before, after)]
     plots = {
         "training_loss.png": ("Training loss", _loss_plot(log_history)),
         "lengths.png": ("Length distributions before and after", _length_plot(rows_before, rows_after)),

@@ -173,6 +173,8 @@ def report_to(config: RunConfig) -> list[str]:
 def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFTConfig:
     t = config.training
     gc = config.lora.use_gradient_checkpointing
+    # Left unset, Unsloth picks padding-free or padded batches itself; an explicit value always wins.
+    layout = {} if t.padding_free is None else {"padding_free": t.padding_free}
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         run_name=config.run_name,
@@ -191,8 +193,9 @@ def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFT
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=report_to(config),
-        # TRL's max_length defaults to 1024 and truncates silently; rows are already checked to fit.
-        max_length=config.model.max_seq_length,
+        # TRL's max_length defaults to 1024 and truncates silently; rows are already checked to fit (data.prepare
+        # drops longer ones), so padding-free, where TRL refuses a max_length, loses nothing without it.
+        max_length=None if t.padding_free else config.model.max_seq_length,
         packing=t.packing,
         completion_only_loss=t.loss_on == "response",
         dataset_num_proc=None,
@@ -206,6 +209,7 @@ def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFT
         use_cpu=runtime.device != "cuda",
         disable_tqdm=not sys.stderr.isatty(),
         save_only_model=False,
+        **layout,
         **_precision(config, runtime),
     )
 

@@ -89,3 +89,67 @@ def test_generation_stops_at_eos_and_reports_it(tiny_config):
                             max_new_tokens=8, batch_size=2)
     assert [o["generated_tokens"] for o in out] == [0, 0]
     assert not any(o["hit_token_limit"] for o in out) and seconds > 0
+
+
+def test_parameter_count_reads_the_safetensors_headers(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from medcot.modeling import parameter_count
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert parameter_count(str(tiny_model)) == sum(p.numel() for p in model.parameters())
+
+
+def test_16bit_evaluation_memory_is_weights_plus_kv_cache_of_a_full_batch(tiny_config, tiny_model):
+    from medcot.modeling import (
+        EVAL_MARGIN_BYTES,
+        PROMPT_TOKENS_BUDGET,
+        eval_memory_bytes_16bit,
+        parameter_count,
+    )
+
+    small = load_config(None, tiny_config("eval.batch_size=1", "eval.max_new_tokens=100"))
+    large = load_config(None, tiny_config("eval.batch_size=4", "eval.max_new_tokens=100"))
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+    # One more row of KV cache (prompt budget + new tokens) and of last-position logits per extra row.
+    per_row = kv_per_token * (PROMPT_TOKENS_BUDGET + 100) + cfg["vocab_size"] * 16
+    assert eval_memory_bytes_16bit(large) - eval_memory_bytes_16bit(small) == 3 * per_row
+    assert eval_memory_bytes_16bit(small) >= parameter_count(str(tiny_model)) * 2 + EVAL_MARGIN_BYTES
+
+
+def test_eval_weights_auto_takes_16bit_only_where_it_fits(tiny_config):
+    from medcot.modeling import choose_eval_weights, eval_memory_bytes_16bit
+
+    config = load_config(None, tiny_config("model.load_in_4bit=true"))
+    need = eval_memory_bytes_16bit(config)
+    assert choose_eval_weights(config, free_bytes=need) == "16bit"
+    assert choose_eval_weights(config, free_bytes=need - 1) == "4bit"
+    assert choose_eval_weights(config, free_bytes=None) == "4bit"
+    pinned = load_config(None, tiny_config("model.load_in_4bit=true", "eval.weights=16bit"))
+    assert choose_eval_weights(pinned, free_bytes=0) == "16bit"  # an explicit choice is kept
+    trained_16bit = load_config(None, tiny_config("model.load_in_4bit=false"))
+    assert choose_eval_weights(trained_16bit, free_bytes=0) == "16bit"
+
+
+def test_eval_weights_auto_refuses_16bit_for_a_prequantized_checkpoint(tiny_config, tiny_model, tmp_path):
+    import shutil
+
+    from medcot.modeling import choose_eval_weights
+
+    quantized = tmp_path / "bnb-4bit"
+    shutil.copytree(tiny_model, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    config = load_config(None, tiny_config(f"model.name={quantized}", "model.load_in_4bit=true"))
+    assert choose_eval_weights(config, free_bytes=2**50) == "4bit"
+
+
+def test_cpu_evaluation_plan_keeps_the_model_settings_and_the_summary_names_the_weights(evaluated):
+    from medcot.modeling import plan_eval_model
+
+    model_config, weights = plan_eval_model(evaluated)
+    assert model_config == evaluated.model and weights == "16bit"
+    summary = json.loads((evaluated.run_dir / "eval-before" / "summary.json").read_text())
+    assert summary["weights"] == "float32"

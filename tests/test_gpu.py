@@ -90,7 +90,7 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
     torch.cuda.empty_cache()
 
     assert merge_stage(config, runtime) == 0
-    return {
+    result = {
         "backend": runtime.backend,
         "summary": summary,
         "generated_tokens": [o["generated_tokens"] for o in outputs],
@@ -98,6 +98,33 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
         "adapter": str(train_dir / "adapter"),
         "merged": str(config.run_dir / "merge" / "model"),
     }
+
+    # Both batch layouts train: padded batches (Unsloth compiles each block) and padding-free.
+    result["layouts"] = {}
+    for layout in ("false", "true"):
+        cfg = load_config(None, overrides(backend, model_dir, work) + [
+            f"run_name={backend}-padding-free-{layout}", f"training.padding_free={layout}", "training.max_steps=2"])
+        assert train_stage(cfg, runtime) == 0
+        losses = json.loads((cfg.run_dir / "train" / "summary.json").read_text())["losses"]
+        result["layouts"][layout] = [x["loss"] for x in losses]
+
+    if backend == "transformers":  # the evaluate job's 16-bit plan (the Unsloth process has patched transformers)
+        from medcot.modeling import plan_eval_model
+
+        cfg16 = load_config(None, overrides(backend, model_dir, work) + ["eval.weights=auto"])
+        model_config, weights = plan_eval_model(cfg16)
+        rt16 = select_backend(model_config)
+        model, tokenizer = load_with_adapter(cfg16, rt16, train_dir / "adapter")
+        prompts = [inference_prompt("What causes stress incontinence?"), inference_prompt("Define anemia.")]
+        static, _ = generate(model, tokenizer, prompts, max_new_tokens=8, min_new_tokens=8, batch_size=2)
+        cache = model.generation_config.cache_implementation
+        model.generation_config.cache_implementation = None
+        dynamic, _ = generate(model, tokenizer, prompts, max_new_tokens=8, min_new_tokens=8, batch_size=2)
+        result["eval16"] = {"weights": weights, "load_in_4bit": rt16.load_in_4bit, "dtype": str(model.dtype),
+                            "cache": cache, "has_lora": any("lora" in n for n, _ in model.named_parameters()),
+                            "static": [o["text"] for o in static], "dynamic": [o["text"] for o in dynamic],
+                            "tokens": [o["generated_tokens"] for o in static]}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +175,21 @@ def test_saved_adapter_loads_with_plain_peft_and_is_trained(pipeline):
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert len(lora_b) == 4 * 7  # every layer, all seven projections
     assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it was trained and saved
+
+
+def test_both_batch_layouts_train_with_finite_losses(pipeline):
+    for layout, losses in pipeline["layouts"].items():
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (layout, losses)
+
+
+def test_16bit_evaluation_merges_the_adapter_and_decodes_with_a_compiled_static_cache(pipeline):
+    if pipeline["backend"] != "transformers":
+        pytest.skip("runs in the transformers process (Unsloth patches transformers when imported)")
+    e = pipeline["eval16"]
+    assert e["weights"] == "16bit" and e["load_in_4bit"] is False and e["dtype"] == "torch.bfloat16"
+    assert e["cache"] == "static" and not e["has_lora"]
+    assert e["tokens"] == [8, 8]
+    assert e["static"] == e["dynamic"]  # greedy: the static cache changes speed, not the answer
 
 
 def test_merged_16bit_model_is_base_plus_lora_delta_in_plain_transformers(pipeline):

@@ -32,12 +32,12 @@ def eval_rows(after: bool):
     return rows
 
 
-def publish_eval(rd: RunDir, stage: str, after: bool):
+def publish_eval(rd: RunDir, stage: str, after: bool, weights: str = "bfloat16"):
     rows = eval_rows(after)
     losses = [(20.0, 10), (18.0, 10)] if after else [(30.0, 10), (26.0, 10)]
     with rd.publishing(stage, "cfg") as (tmp, _):
         (tmp / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        write_json(tmp / "summary.json", summarize(rows, losses, generation_seconds=4.0))
+        write_json(tmp / "summary.json", summarize(rows, losses, generation_seconds=4.0) | {"weights": weights})
 
 
 @pytest.fixture
@@ -169,3 +169,13 @@ def test_log_to_wandb_offline_records_summary_and_answer_table(run_dir, tmp_path
     table = json.loads(tables[0].read_text(encoding="utf-8"))
     assert "before_answer" in table["columns"] and len(table["data"]) == len(rows_before)
     assert table["data"][4][:3] == ["showcase", "s0", "Question s0?"]
+
+
+def test_report_names_the_weights_and_warns_when_the_stages_used_different_ones(run_dir, tmp_path):
+    md = write_report(run_dir)[0].read_text()
+    assert "Both stages generated with bfloat16 weights." in md and "Warning" not in md
+    rd = RunDir(tmp_path / "mixed")
+    publish_eval(rd, "eval-before", after=False, weights="4bit")
+    publish_eval(rd, "eval-after", after=True, weights="bfloat16")
+    md = write_report(rd.root)[0].read_text()
+    assert "Warning: before generated with 4bit weights, after with bfloat16" in md

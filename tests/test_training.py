@@ -115,3 +115,32 @@ def test_checkpoints_are_marked_complete_and_kept_two(tiny_config, tmp_path):
     train_stage(config, select_backend(config.model))
     kept = complete_checkpoints(config.run_dir / "checkpoints")
     assert [p.name for p in kept] == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_padding_free_layout_flattens_the_micro_batch_and_computes_the_same_loss(tiny_config, tmp_path):
+    batches = {}
+    for layout in ("true", "false"):
+        config = load_config(None, tiny_config(f"training.padding_free={layout}"))
+        runtime = select_backend(config.model)
+        model, tok = load_model(config, runtime, for_training=True)
+        model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+        data = prepare(config.data, tok, config.model.max_seq_length)
+        trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:4], tok), tmp_path / layout, [])
+        assert trainer.args.padding_free is (layout == "true")
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            batches[layout] = (batch, float(model(**batch).loss))
+    (flat, flat_loss), (padded, padded_loss) = batches["true"], batches["false"]
+    assert flat["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 2
+    assert int((flat["position_ids"][0] == 0).sum()) == 2  # two rows, each restarting its positions
+    assert flat["input_ids"].shape[1] == int(padded["attention_mask"].sum())  # no pad tokens left
+    # Same rows, same supervised tokens: the layout must not change what is computed.
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
+
+
+def test_padding_free_left_unset_is_not_passed_on(tiny_config, tmp_path):
+    from medcot.training import sft_config
+
+    config = load_config(None, tiny_config())
+    assert config.training.padding_free is None
+    assert sft_config(config, select_backend(config.model), tmp_path).padding_free is False  # TRL's default: padded
