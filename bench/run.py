@@ -52,7 +52,8 @@ BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", 
 
 TRAIN_SHAPES = [(2, 1024), (2, 2048), (8, 2048)]
 # training.padding_free per layout name: auto leaves it to Unsloth (padding-free on GPUs it has not measured).
-LAYOUTS: dict[str, bool | None] = {"auto": None, "padded": False, "padding_free": True}
+# "default" leaves it unset: medcot's rule (padded on Hopper, Unsloth's own choice on older GPUs).
+LAYOUTS: dict[str, bool | None] = {"default": None, "padded": False, "padding_free": True}
 # Token lengths of the synthetic reference rows: medical-o1-reasoning-SFT (en) rows average about 1,000
 # tokens with the R1 tokenizer and have a long right tail. Log-normal with median 900 and sigma 0.46 has
 # mean 900 * exp(0.46**2 / 2) = 1,000; clipped to [300, 2048] (2048 = the recipe's max_seq_length).
@@ -205,6 +206,10 @@ def worker_train(spec: dict) -> None:
     import medcot.training as training
     from medcot.modeling import add_lora, load_model
 
+    layout = {None: "default", False: "padded", True: "padding_free"}[spec.get("padding_free")]
+    for old in Path(spec["work"]).glob(f"ckpt-*-{runtime.backend}-{spec['gc']}-{layout}-*"):
+        shutil.rmtree(old)  # a measurement never resumes an earlier one
+
     class StepProfiler(TrainerCallback):
         """torch.profiler over optimizer steps (first, last]: where a step's host and GPU time go."""
 
@@ -300,7 +305,7 @@ def worker_train(spec: dict) -> None:
         timer.marks.clear()
         try:
             _, summary, _ = training.run_training(cfg, runtime, model, tokenizer, Dataset.from_dict({"input_ids": ids}),
-                                                  Path(spec["work"]) / f"ckpt-{runtime.backend}-{spec['gc']}-{batch}x{seq}")
+                                                  Path(spec["work"]) / f"ckpt-train-{runtime.backend}-{spec['gc']}-{layout}-{batch}x{seq}")
             (t_a, n_a), (t_b, n_b) = timer.marks[warm], timer.marks[warm + steps]
             tokens = batch * seq * steps
             entry.update(
@@ -325,7 +330,7 @@ def worker_train(spec: dict) -> None:
         extra_callbacks.append(profiler)
         ids = torch.randint(0, n_words, (batch * (warm + 2), seq), generator=generator).tolist()
         training.run_training(cfg, runtime, model, tokenizer, Dataset.from_dict({"input_ids": ids}),
-                              Path(spec["work"]) / f"ckpt-profile-{runtime.backend}-{spec['gc']}")
+                              Path(spec["work"]) / f"ckpt-profile-{runtime.backend}-{spec['gc']}-{layout}-{batch}x{seq}")
         out["profile"] = {"batch": batch, "seq_len": seq, "steps": 2, **profile_summary(profiler.prof, profiler.wall, 2),
                           "host_reads_per_step": {k: n // 2 for k, n in sorted(profiler.sync_sites.items(), key=lambda kv: -kv[1])[:12]}}
         _write(spec["result"], out)
@@ -454,7 +459,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     import yaml
     from transformers import AutoTokenizer
 
-    micro, accum, gc, padded = _parse_ref_variant(variant)
+    micro, accum, gc, training_keys = _parse_ref_variant(variant)
     n_rows = 40 if args.tiny else 500
     data = work / f"reference-{n_rows}.jsonl"
     if not data.is_file():
@@ -466,8 +471,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     config["model"].update(name=str(model_dir))
     config["data"].update(path=str(data), name=None, train_rows=n_rows, heldout_rows=0)
     config["lora"]["use_gradient_checkpointing"] = gc
-    if padded:
-        config["training"]["padding_free"] = False
+    config["training"].update(training_keys)
     config["training"].update(per_device_train_batch_size=micro, gradient_accumulation_steps=accum, logging_steps=1)
     if args.tiny:
         config["training"].update(max_steps=6, save_steps=3)
@@ -477,7 +481,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     run_dir = Path(config["output_dir"]) / config["run_name"]
     shutil.rmtree(run_dir, ignore_errors=True)  # each variant trains from scratch, never resumes
 
-    entry: dict[str, Any] = {"variant": variant, "micro_batch": micro, "accumulation": accum, "gc": gc, "padded": padded,
+    entry: dict[str, Any] = {"variant": variant, "micro_batch": micro, "accumulation": accum, "gc": gc, "training": training_keys,
                              "rows": n_rows, "row_tokens": {"mean": round(statistics.mean(lengths)),
                                                             "median": statistics.median(lengths), "max": max(lengths)}}
     t0 = time.monotonic()
@@ -493,14 +497,23 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     return entry
 
 
-def _parse_ref_variant(variant: str) -> tuple[int, int, Any, bool]:
-    """'8x1:true:padded' -> micro-batch 8, accumulation 1, use_gradient_checkpointing True, padded batches
-    (training.padding_free=false; without it Unsloth picks, and picks padding-free on an H100)."""
+REF_FLAGS: dict[str, dict[str, Any]] = {
+    "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
+    "rebalance": {"sampling": "batch_rebalance"},
+}
+
+
+def _parse_ref_variant(variant: str) -> tuple[int, int, Any, dict[str, Any]]:
+    """'8x1:true:padded:rebalance' -> micro-batch 8, accumulation 1, use_gradient_checkpointing True, and the
+    training keys of the flags: padded / padding_free (training.padding_free), rebalance (training.sampling)."""
     parts = variant.split(":")
     micro, accum = (int(x) for x in parts[0].split("x"))
     gc = parts[1] if len(parts) > 1 else "unsloth"
     gc_value: Any = {"true": True, "false": False}.get(gc, gc)
-    return micro, accum, gc_value, "padded" in parts[2:]
+    keys: dict[str, Any] = {}
+    for flag in parts[2:]:
+        keys.update(REF_FLAGS[flag])
+    return micro, accum, gc_value, keys
 
 
 # ---- orchestration ------------------------------------------------------------------------------------
@@ -582,13 +595,15 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed optimizer steps per training shape (compilation)")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per training shape (Unsloth)")
     parser.add_argument("--baseline-steps", type=int, default=2, help="timed steps per shape on the transformers path")
-    parser.add_argument("--train-runs", default="unsloth:unsloth:auto,unsloth:unsloth:padded,transformers:unsloth",
-                        help="section train: BACKEND:CHECKPOINTING[:LAYOUT], layout auto (Unsloth decides), padded or padding_free")
+    parser.add_argument("--train-runs", default="unsloth:unsloth:default,unsloth:unsloth:padding_free,transformers:unsloth",
+                        help="section train: BACKEND:CHECKPOINTING[:LAYOUT][@BxL+BxL], layout default (medcot's rule), "
+                             "padded or padding_free")
     parser.add_argument("--lever-runs", default="unsloth:true:padded,unsloth:false:padded",
                         help="section levers: more runs of the same form (plain and no checkpointing)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of 2x2048 in every train run")
     parser.add_argument("--reference", default="2x4:unsloth,8x1:unsloth",
-                        help="reference-workload variants MICROxACCUM:CHECKPOINTING[:padded], checkpointing unsloth, true or false")
+                        help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing unsloth, true or false; "
+                             "flags padded, padding_free, rebalance")
     parser.add_argument("--eval", default="unsloth-4bit,transformers-4bit,transformers-16bit-static",
                         help="generation variants: unsloth-4bit, transformers-4bit, transformers-16bit-static, each with an "
                              "optional :NEW_TOKENS")
@@ -643,7 +658,7 @@ def main() -> int:
                 runs = args.train_runs if section == "train" else args.lever_runs
                 for key in runs.split(","):
                     key, _, only = key.partition("@")  # "unsloth:unsloth:auto@2x2048" measures that shape alone
-                    backend, gc, layout = (key.split(":") + ["auto"])[:3]
+                    backend, gc, layout = (key.split(":") + ["default"])[:3]
                     shapes = TRAIN_SHAPES if gc != "false" else TRAIN_SHAPES[1:2]  # no checkpointing: 8x2048 cannot fit
                     if only:
                         shapes = [tuple(int(x) for x in shape.split("x")) for shape in only.split("+")]
@@ -745,9 +760,11 @@ def render(results: dict) -> str:
     for key, run in results["train"].items():
         backend, gc, *layout = key.split(":")
         gc = {"unsloth": "unsloth (offloaded)" if backend == "unsloth" else "plain", "true": "plain", "false": "none"}[gc]
+        # Results of session 1 had no layout in the key: Unsloth chose (padding-free), or padded by env variable.
         layout = (layout or ["padded" if run.get("env") else "auto"])[0]
         if backend == "unsloth":
-            backend += {"padded": ", padded batches", "padding_free": ", padding-free", "auto": ", Unsloth's choice"}[layout]
+            backend += {"padded": ", padded batches", "padding_free": ", padding-free", "default": ", medcot default",
+                        "auto": ", Unsloth's choice (padding-free)"}[layout]
         for entry in run.get("shapes", []):
             lines.append(f"| {backend} | {gc} | {entry['batch']}x{entry['seq_len']} | {entry.get('steps', '—')} | "
                          f"{_fmt(entry.get('tokens_per_s')) if 'error' not in entry else entry['error']} | "
@@ -760,7 +777,10 @@ def render(results: dict) -> str:
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in results["reference"].values():
         losses = e.get("losses") or [None]
-        padded = ", padded batches" if e.get("padded") or e.get("env") else ""
+        flags = e.get("training") or ({"padding_free": False} if e.get("env") else {})
+        padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
+                          ", padding-free" if flags.get("padding_free") else "",
+                          f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
         lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {e['gc']} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |")

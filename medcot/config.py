@@ -111,8 +111,14 @@ class TrainingConfig(_Section):
     padding_free: bool | None = Field(
         None,
         description="Micro-batch layout: true = rows flattened into one sequence without pad tokens; false = rows "
-        "padded to the longest (on the Unsloth path this lets it compile each decoder block); null = Unsloth's own "
-        "choice (padding-free on GPUs it has not measured, H100 included), padded on the transformers path.",
+        "padded to the longest (on the Unsloth path this lets it compile each decoder block); null = padded on "
+        "Hopper or newer GPUs (measured faster on an H100) and on the transformers path, Unsloth's own choice elsewhere.",
+    )
+    sampling: Literal["random", "batch_rebalance", "group_by_length"] = Field(
+        "random",
+        description="Which rows form a micro-batch: random (the recipe); batch_rebalance = each optimizer step still "
+        "takes a random set of rows, split into micro-batches of similar length (less padding, same gradient); "
+        "group_by_length = steps of rows of similar length (changes which rows train together).",
     )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 

@@ -144,3 +144,27 @@ def test_padding_free_left_unset_is_not_passed_on(tiny_config, tmp_path):
     config = load_config(None, tiny_config())
     assert config.training.padding_free is None
     assert sft_config(config, select_backend(config.model), tmp_path).padding_free is False  # TRL's default: padded
+
+
+def micro_batches(config, tmp_path, rows: int):
+    runtime = select_backend(config.model)
+    model, tok = load_model(config, runtime, for_training=True)
+    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    data = prepare(config.data, tok, config.model.max_seq_length)
+    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:rows], tok), tmp_path / "ckpt", [])
+    return [b["attention_mask"] for b in trainer.get_train_dataloader()]
+
+
+def test_batch_rebalance_keeps_the_rows_per_step_and_pads_less_than_random_pairs(tiny_config, tmp_path):
+    rebalanced = micro_batches(load_config(None, tiny_config("training.sampling=batch_rebalance")), tmp_path, 16)
+    shuffled = micro_batches(load_config(None, tiny_config()), tmp_path, 16)
+    accum = 2
+    steps = [rebalanced[i:i + accum] for i in range(0, len(rebalanced), accum)]
+    # Every optimizer step still sees batch x accumulation rows; every row is seen once in the epoch.
+    assert [sum(m.shape[0] for m in step) for step in steps] == [4] * 4
+    assert sum(int(m.sum()) for m in rebalanced) == sum(int(m.sum()) for m in shuffled)  # the same tokens in all
+
+    def padding(batches):
+        return sum(int((m == 0).sum()) for m in batches)
+
+    assert padding(rebalanced) < padding(shuffled)
