@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from medcot.config import ConfigError, RunConfig, describe, load_config
 from medcot.secrets import RedactingFilter, load_secrets_into_env, redact
@@ -81,6 +81,24 @@ def parse_job_args(job: str, doc: str | None = None, argv: list[str] | None = No
         print(describe(config))
         raise SystemExit(0)
     return config, args
+
+
+def data_parallel_argv(script: str, argv: list[str], env: Mapping[str, str]) -> list[str] | None:
+    """The command that restarts `script` as one process per GPU when GPUS (or NPROC) asks for more than one
+    and this process is not already one of torchrun's workers; None when it should run as it is.
+
+    This is how `docker compose` (GPUS=N) gets data-parallel training without a launcher in compose.yaml.
+    """
+    raw = env.get("GPUS") or env.get("NPROC") or "1"
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ConfigError(f"GPUS={raw!r} is not a number of GPUs; set GPUS=1, 2, ... or leave it unset") from None
+    if n < 1:
+        raise ConfigError(f"GPUS={n}: at least one GPU (or process) is needed")
+    if n == 1 or "LOCAL_RANK" in env:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *argv]
 
 
 def run_job(main: Callable[[], int | None]) -> None:

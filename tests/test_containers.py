@@ -179,6 +179,14 @@ def test_train_has_time_to_checkpoint_when_stopped(project):
 
 
 @needs_compose
+def test_gpus_reaches_the_train_job_which_launches_one_process_per_gpu(tmp_path, project):
+    assert project["services"]["train"]["environment"]["GPUS"] == "1"
+    two = compose_config(tmp_path, GPUS="2", HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY)["services"]["train"]
+    assert two["environment"]["GPUS"] == "2"
+    assert two["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
+
+
+@needs_compose
 def test_jobs_run_under_an_init_that_forwards_signals(project):
     assert all(service["init"] is True for service in project["services"].values())
 

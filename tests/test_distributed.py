@@ -1,6 +1,7 @@
 """Data-parallel training: two processes (torchrun, gloo on CPU) equal one process with the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medcot.cli import data_parallel_argv
+from medcot.config import ConfigError
+
 from conftest import ROOT
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def run_train(launcher: list[str], overrides: list[str]) -> subprocess.CompletedProcess:
+def run_train(launcher: list[str], overrides: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, str(ROOT / "jobs" / "train.py"), *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
@@ -24,8 +28,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_pat
     common = tiny_config("data.heldout_rows=0", "training.gradient_accumulation_steps=1", "training.max_steps=4",
                          "training.save_steps=10")
     one = run_train([sys.executable], [*common, "run_name=one", "training.per_device_train_batch_size=4"])
-    two = run_train([str(TORCHRUN), "--standalone", "--nproc_per_node=2"],
-                    [*common, "run_name=two", "training.per_device_train_batch_size=2"])
+    # GPUS=2, as compose passes it: the job restarts itself under torchrun with two workers.
+    two = run_train([sys.executable], [*common, "run_name=two", "training.per_device_train_batch_size=2"],
+                    env={"GPUS": "2"})
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
 
@@ -42,3 +47,19 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_pat
         torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=1e-4)
     # Rank 0 alone logs: each step's line appears once.
     assert two.stderr.count("step 4/4") == 1
+
+
+def test_gpus_above_one_restarts_the_job_under_torchrun_once():
+    argv = data_parallel_argv("jobs/train.py", ["--config", "c.yaml"], {"GPUS": "4"})
+    assert argv[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "jobs/train.py",
+                        "--config", "c.yaml"]
+    assert data_parallel_argv("jobs/train.py", [], {"NPROC": "2"})[4] == "--nproc_per_node=2"
+    assert data_parallel_argv("jobs/train.py", [], {"GPUS": "2", "LOCAL_RANK": "0"}) is None  # already a worker
+    assert data_parallel_argv("jobs/train.py", [], {"GPUS": "1"}) is None
+    assert data_parallel_argv("jobs/train.py", [], {}) is None
+
+
+@pytest.mark.parametrize("value", ["two", "0"])
+def test_a_bad_gpus_value_is_refused_with_what_to_set(value):
+    with pytest.raises(ConfigError, match="GPUS"):
+        data_parallel_argv("jobs/train.py", [], {"GPUS": value})
