@@ -254,6 +254,74 @@ def summarize(rows: list[dict[str, Any]], heldout_token_losses: list[tuple[float
 
 # --------------------------------------------------------------------------------------- comparison
 
+def mcnemar_exact_p(only_before: int, only_after: int) -> float:
+    """Two-sided exact McNemar test: p-value of the discordant pairs' split under "no change" (binomial, 1/2)."""
+    n = only_before + only_after
+    if n == 0:
+        return 1.0
+    k = min(only_before, only_after)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap_diff(before: Sequence[float], after: Sequence[float], n_boot: int = 2000,
+                          seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Mean of after - before over the same questions, with a 95% bootstrap interval that resamples questions."""
+    d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    if d.size == 0:
+        raise ValueError("paired_bootstrap_diff needs at least one pair")
+    return float(d.mean()), bootstrap_ci(d, np.mean, n_boot, seed)
+
+
+def _well_formed(r: Mapping[str, Any]) -> bool:
+    return bool(r["think_closed"]) and bool(r["answer"].strip())
+
+
+def paired_tests(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Before/after on the same questions: McNemar for yes/no outcomes (format; each MCQ source's correctness),
+    a paired bootstrap for ROUGE-L. Tighter than comparing two separate intervals, since each question's own
+    difficulty cancels out."""
+    tests: list[dict[str, Any]] = []
+
+    def binary(name: str, outcomes: list[tuple[bool, bool]]) -> None:
+        if not outcomes:
+            return
+        only_b = sum(b and not a for b, a in outcomes)
+        only_a = sum(a and not b for b, a in outcomes)
+        tests.append({"metric": name, "test": "McNemar exact", "n": len(outcomes), "improved": only_a,
+                      "worsened": only_b, "p_value": _r(mcnemar_exact_p(only_b, only_a))})
+
+    binary("format", [(_well_formed(b), _well_formed(a)) for b, a in pairs])
+    for source in sorted({b["source"] for b, _ in pairs if b["source"].startswith("mcq:")}):
+        def right(r: Mapping[str, Any]) -> bool:
+            choice = parse_choice(r["answer"], options=r.get("options"))
+            return choice is not None and choice == str(r["correct_choice"]).strip().upper()
+
+        binary(f"MCQ {source[len('mcq:'):]} correct", [(right(b), right(a)) for b, a in pairs if b["source"] == source])
+    scored = [(b, a) for b, a in pairs if b.get("reference") is not None]
+    if scored:
+        def score(r: Mapping[str, Any]) -> float:
+            return rouge_l(r["answer"], r["reference"]) if r["answer"].strip() else 0.0
+
+        mean, (lo, hi) = paired_bootstrap_diff([score(b) for b, _ in scored], [score(a) for _, a in scored])
+        tests.append({"metric": "ROUGE-L", "test": "paired bootstrap", "n": len(scored), "mean_difference": _r(mean),
+                      "ci": [_r(lo), _r(hi)]})
+    return tests
+
+
+def paired_test_lines(tests: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One sentence per paired test, for the report."""
+    lines = []
+    for t in tests:
+        if t["test"] == "McNemar exact":
+            lines.append(f"Paired, {t['metric']}: {t['improved']} of {t['n']} questions improved, {t['worsened']} "
+                         f"worsened; exact McNemar p = {t['p_value']:.3g}.")
+        else:
+            lines.append(f"Paired, {t['metric']}: mean difference {t['mean_difference']:+.3f} "
+                         f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] over {t['n']} questions (bootstrap over questions).")
+    return lines
+
+
 def _get(summary: Mapping[str, Any], *path: str) -> Any:
     node: Any = summary
     for key in path:

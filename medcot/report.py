@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from medcot.metrics import TABLE_HEADER, compare, format_table, table_cells
+from medcot.metrics import TABLE_HEADER, compare, format_table, paired_test_lines, paired_tests, table_cells
 from medcot.rundir import PRODUCER, STAGES, RunDir, StageError
 
 if TYPE_CHECKING:
@@ -243,14 +243,15 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
         log_history = json.loads(train_summary.read_text(encoding="utf-8")).get("log_history") or []
 
     rows = compare(before, after)
-    shown = _shown(_paired(rows_before, rows_after))
+    pairs = _paired(rows_before, rows_after)
+    shown = _shown(pairs)
     title = f"medcot before/after: {rd.root.name}"
     intro = [f"Before: base model, {before['n_generated']} answers (eval-before finished "
              f"{manifests['eval-before'].finished_at}). After: fine-tuned, {after['n_generated']} answers "
              f"(eval-after finished {manifests['eval-after'].finished_at})."]
     notes = ["Intervals are 95%: Wilson for rates and accuracies, percentile bootstrap for means, medians and loss. "
              "Format = closed think block and a non-empty final answer.", *_unparseable_lines(before, after),
-             *_weights_lines(before, after)]
+             *paired_test_lines(paired_tests(pairs)), *_weights_lines(before, after)]
     plots = {
         "training_loss.png": ("Training loss", _loss_plot(log_history)),
         "lengths.png": ("Length distributions before and after", _length_plot(rows_before, rows_after)),

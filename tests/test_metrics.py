@@ -306,3 +306,22 @@ def test_format_table_prints_aligned_markdown_with_intervals():
     assert len({len(line) for line in lines}) == 1
     assert "ROUGE-L" in table and "MCQ medqa accuracy" in table
     assert "0.833 [" in table
+
+
+def test_mcnemar_exact_p_values():
+    from medcot.metrics import mcnemar_exact_p
+
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)  # all 5 discordant pairs one way: 2 * 0.5**5
+    assert mcnemar_exact_p(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(9, 1) == mcnemar_exact_p(1, 9)
+
+
+def test_paired_bootstrap_of_a_constant_difference_has_no_width():
+    from medcot.metrics import paired_bootstrap_diff
+
+    mean, ci = paired_bootstrap_diff([0.1, 0.5, 0.3], [0.3, 0.7, 0.5])
+    assert mean == pytest.approx(0.2) and ci == pytest.approx((0.2, 0.2))
+    # Question difficulty cancels: wildly different questions, the same gain each, a tight paired interval.
+    mean, (lo, hi) = paired_bootstrap_diff([0.0, 0.9, 0.2, 0.6], [0.1, 1.0, 0.3, 0.7])
+    assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)

@@ -179,3 +179,12 @@ def test_report_names_the_weights_and_warns_when_the_stages_used_different_ones(
     publish_eval(rd, "eval-after", after=True, weights="bfloat16")
     md = write_report(rd.root)[0].read_text()
     assert "Warning: before generated with 4bit weights, after with bfloat16" in md
+
+
+def test_report_tests_before_and_after_on_the_same_questions(run_dir):
+    md = write_report(run_dir)[0].read_text()
+    # Held-out rows go from an unclosed think block to a well-formed answer; the showcase and MCQ rows were
+    # well-formed before and after: 4 improved, 0 worsened of 8, exact McNemar p = 2 * 0.5**4.
+    assert "Paired, format: 4 of 8 questions improved, 0 worsened; exact McNemar p = 0.125." in md
+    rouge = re.search(r"Paired, ROUGE-L: mean difference ([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\] over 4 questions", md)
+    assert rouge and 0 < float(rouge[2]) <= float(rouge[1]) <= float(rouge[3])
