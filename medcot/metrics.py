@@ -198,9 +198,24 @@ def _lengths(values: list[int]) -> dict[str, Any] | None:
             "median_ci": [_r(lo, 1), _r(hi, 1)]}
 
 
+# ---- per-question outcomes: one definition each, for a stage's summary and for the paired tests
+
+def _well_formed(r: Mapping[str, Any]) -> bool:
+    return bool(r["think_closed"]) and bool(r["answer"].strip())
+
+
+def _choice_correct(choice: str | None, r: Mapping[str, Any]) -> bool:
+    return choice is not None and choice == str(r["correct_choice"]).strip().upper()
+
+
+def _rouge_score(r: Mapping[str, Any]) -> float:
+    # An empty answer (think block never closed) scores 0: not answering is not a neutral outcome.
+    return rouge_l(r["answer"], r["reference"]) if r["answer"].strip() else 0.0
+
+
 def _choice_accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     parsed = [parse_choice(r["answer"], options=r.get("options")) for r in rows]
-    correct = sum(p is not None and p == str(r["correct_choice"]).strip().upper() for p, r in zip(parsed, rows, strict=True))
+    correct = sum(_choice_correct(p, r) for p, r in zip(parsed, rows, strict=True))
     p = _proportion(correct, len(rows))
     return {"accuracy": p["rate"], "ci": p["ci"], "n": len(rows), "correct": correct,
             "unparseable": sum(p is None for p in parsed)}
@@ -210,7 +225,7 @@ def summarize(rows: list[dict[str, Any]], heldout_token_losses: list[tuple[float
               generation_seconds: float | None = None) -> dict[str, Any]:
     """summary.json of one evaluation: format, lengths, ROUGE-L, MCQ accuracy, held-out loss, with 95% intervals."""
     n = len(rows)
-    well_formed = sum(bool(r["think_closed"]) and bool(r["answer"].strip()) for r in rows)
+    well_formed = sum(_well_formed(r) for r in rows)
     sources: dict[str, int] = defaultdict(int)
     mcq_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -218,9 +233,7 @@ def summarize(rows: list[dict[str, Any]], heldout_token_losses: list[tuple[float
         if r["source"].startswith("mcq:"):
             mcq_rows[r["source"][len("mcq:"):]].append(r)
     choice_rows = [r for r in rows if r["source"] == "heldout" and r.get("options") and r.get("correct_choice")]
-    # An empty answer (think block never closed) scores 0: not answering is not a neutral outcome.
-    rouge = [rouge_l(r["answer"], r["reference"]) if r["answer"].strip() else 0.0
-             for r in rows if r.get("reference") is not None]
+    rouge = [_rouge_score(r) for r in rows if r.get("reference") is not None]
     rouge_ci = bootstrap_ci(rouge) if rouge else None
 
     heldout_loss = None
@@ -273,10 +286,6 @@ def paired_bootstrap_diff(before: Sequence[float], after: Sequence[float], n_boo
     return float(d.mean()), bootstrap_ci(d, np.mean, n_boot, seed)
 
 
-def _well_formed(r: Mapping[str, Any]) -> bool:
-    return bool(r["think_closed"]) and bool(r["answer"].strip())
-
-
 def paired_tests(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Before/after on the same questions: McNemar for yes/no outcomes (format; each MCQ source's correctness),
     a paired bootstrap for ROUGE-L. Tighter than comparing two separate intervals, since each question's own
@@ -291,19 +300,15 @@ def paired_tests(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -
         tests.append({"metric": name, "test": "McNemar exact", "n": len(outcomes), "improved": only_a,
                       "worsened": only_b, "p_value": _r(mcnemar_exact_p(only_b, only_a))})
 
+    def right(r: Mapping[str, Any]) -> bool:
+        return _choice_correct(parse_choice(r["answer"], options=r.get("options")), r)
+
     binary("format", [(_well_formed(b), _well_formed(a)) for b, a in pairs])
     for source in sorted({b["source"] for b, _ in pairs if b["source"].startswith("mcq:")}):
-        def right(r: Mapping[str, Any]) -> bool:
-            choice = parse_choice(r["answer"], options=r.get("options"))
-            return choice is not None and choice == str(r["correct_choice"]).strip().upper()
-
         binary(f"MCQ {source[len('mcq:'):]} correct", [(right(b), right(a)) for b, a in pairs if b["source"] == source])
     scored = [(b, a) for b, a in pairs if b.get("reference") is not None]
     if scored:
-        def score(r: Mapping[str, Any]) -> float:
-            return rouge_l(r["answer"], r["reference"]) if r["answer"].strip() else 0.0
-
-        mean, (lo, hi) = paired_bootstrap_diff([score(b) for b, _ in scored], [score(a) for _, a in scored])
+        mean, (lo, hi) = paired_bootstrap_diff([_rouge_score(b) for b, _ in scored], [_rouge_score(a) for _, a in scored])
         tests.append({"metric": "ROUGE-L", "test": "paired bootstrap", "n": len(scored), "mean_difference": _r(mean),
                       "ci": [_r(lo), _r(hi)]})
     return tests

@@ -14,12 +14,18 @@ from medcot.training import build_dataset, build_trainer, complete_checkpoints, 
 from conftest import SAMPLE
 
 
-def first_batch(config, tmp_path):
+def trainer_on(config, checkpoint_dir, rows: int = 4):
+    """The train job's trainer on the first `rows` training rows: (trainer, model with LoRA, tokenizer)."""
     runtime = select_backend(config.model)
     model, tok = load_model(config, runtime, for_training=True)
     model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
     data = prepare(config.data, tok, config.model.max_seq_length)
-    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:4], tok), tmp_path / "ckpt", [])
+    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:rows], tok), checkpoint_dir, [])
+    return trainer, model, tok
+
+
+def first_batch(config, tmp_path):
+    trainer, _, tok = trainer_on(config, tmp_path / "ckpt")
     return next(iter(trainer.get_train_dataloader())), tok
 
 
@@ -120,12 +126,7 @@ def test_checkpoints_are_marked_complete_and_kept_two(tiny_config, tmp_path):
 def test_padding_free_layout_flattens_the_micro_batch_and_computes_the_same_loss(tiny_config, tmp_path):
     batches = {}
     for layout in ("true", "false"):
-        config = load_config(None, tiny_config(f"training.padding_free={layout}"))
-        runtime = select_backend(config.model)
-        model, tok = load_model(config, runtime, for_training=True)
-        model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
-        data = prepare(config.data, tok, config.model.max_seq_length)
-        trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:4], tok), tmp_path / layout, [])
+        trainer, model, _ = trainer_on(load_config(None, tiny_config(f"training.padding_free={layout}")), tmp_path / layout)
         assert trainer.args.padding_free is (layout == "true")
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
@@ -147,11 +148,7 @@ def test_padding_free_left_unset_is_not_passed_on(tiny_config, tmp_path):
 
 
 def micro_batches(config, tmp_path, rows: int):
-    runtime = select_backend(config.model)
-    model, tok = load_model(config, runtime, for_training=True)
-    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
-    data = prepare(config.data, tok, config.model.max_seq_length)
-    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:rows], tok), tmp_path / "ckpt", [])
+    trainer, _, _ = trainer_on(config, tmp_path / "ckpt", rows)
     return [b["attention_mask"] for b in trainer.get_train_dataloader()]
 
 
