@@ -149,6 +149,12 @@ class EvalConfig(_Section):
         "adapter unmerged (Unsloth's fast inference when model.backend allows); auto = 16bit where the GPU has "
         "room for the weights and the KV cache, else 4bit. CPU always evaluates full precision.",
     )
+    attention: str = Field(
+        "auto",
+        description="Attention of the transformers backend at inference: auto = SDPA, with one-token decoding "
+        "steps attending the KV cache per KV head instead of copying it to every query head (medcot.attention); "
+        "any other value is passed to transformers as attn_implementation (sdpa, eager, flash_attention_2...).",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
     heldout_limit: int | None = Field(None, gt=0, description="Generate for at most N held-out rows (null = all).")

@@ -239,7 +239,12 @@ def load_with_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path | N
         from unsloth import FastLanguageModel
 
         FastLanguageModel.for_inference(model)
-    elif runtime.device == "cuda" and not runtime.load_in_4bit:
+    else:
+        from medcot.attention import use_for_inference
+
+        attention = use_for_inference(model, config.eval.attention)
+        log.info("inference attention: %s", attention)
+    if runtime.backend != "unsloth" and runtime.device == "cuda" and not runtime.load_in_4bit:
         # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
         # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.
         model.generation_config.cache_implementation = "static"

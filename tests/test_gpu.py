@@ -131,6 +131,7 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
         chosen = chosen_logits.gather(-1, ids[:, start:, None]).squeeze(-1)
         result["eval16"] = {"weights": weights, "load_in_4bit": rt16.load_in_4bit, "dtype": str(model.dtype),
                             "cache": model.generation_config.cache_implementation,
+                            "attention": model.config._attn_implementation,
                             "has_lora": any("lora" in n for n, _ in model.named_parameters()),
                             "tokens": [o["generated_tokens"] for o in outputs],
                             "worst_margin": float((chosen_logits.max(-1).values - chosen).max())}
@@ -198,6 +199,7 @@ def test_16bit_evaluation_merges_the_adapter_and_decodes_with_a_compiled_static_
     e = pipeline["eval16"]
     assert e["weights"] == "16bit" and e["load_in_4bit"] is False and e["dtype"] == "torch.bfloat16"
     assert e["cache"] == "static" and not e["has_lora"]
+    assert e["attention"] == "medcot_sdpa_gqa_decode"  # the compiled decoding below ran the grouped path
     assert e["tokens"] == [8, 8]
     assert e["worst_margin"] < 0.1, e["worst_margin"]  # greedy picks under the static cache are argmax picks
 
