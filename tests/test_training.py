@@ -165,3 +165,11 @@ def test_batch_rebalance_keeps_the_rows_per_step_and_pads_less_than_random_pairs
         return sum(int((m == 0).sum()) for m in batches)
 
     assert padding(rebalanced) < padding(shuffled)
+
+
+def test_group_by_length_sees_every_row_once_and_pads_less_than_random_pairs(tiny_config, tmp_path):
+    grouped = micro_batches(load_config(None, tiny_config("training.sampling=group_by_length")), tmp_path, 16)
+    shuffled = micro_batches(load_config(None, tiny_config()), tmp_path, 16)
+    assert [m.shape[0] for m in grouped] == [2] * 8
+    assert sum(int(m.sum()) for m in grouped) == sum(int(m.sum()) for m in shuffled)
+    assert sum(int((m == 0).sum()) for m in grouped) < sum(int((m == 0).sum()) for m in shuffled)
