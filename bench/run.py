@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medcot.attention import GQA_DECODE  # noqa: E402  (no torch at import)
+
 # The architecture of deepseek-ai/DeepSeek-R1-Distill-Llama-8B (its config.json), which is Llama-3.1-8B's.
 R1_DISTILL_LLAMA_8B: dict[str, Any] = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -373,7 +375,10 @@ def worker_eval(spec: dict) -> None:
     variant = spec["variant"]
     backend = "unsloth" if variant.startswith("unsloth") else "transformers"
     weights = "4bit" if "4bit" in variant else "16bit"
-    config = load_config(None, _base_overrides({**spec, "backend": backend}) + [f"eval.weights={weights}"])
+    # The baseline is plain transformers: its SDPA copies the KV cache to every query head (medcot.attention).
+    attention = "sdpa" if variant.endswith("-sdpa") or variant == "transformers-4bit" else "auto"
+    config = load_config(None, _base_overrides({**spec, "backend": backend})
+                         + [f"eval.weights={weights}", f"eval.attention={attention}"])
     model_config, _ = plan_eval_model(config)  # what jobs/evaluate.py does before it picks the backend
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -386,6 +391,7 @@ def worker_eval(spec: dict) -> None:
     adapter = Path(spec["adapter"]) if spec.get("adapter") else None
     model, tokenizer = load_with_adapter(config, runtime, adapter)  # 16-bit: adapter merged, static KV cache
     out: dict[str, Any] = {"variant": variant, "backend": runtime.backend, "adapter": str(adapter) if adapter else None,
+                           "attention": None if runtime.backend == "unsloth" else model.config._attn_implementation,
                            "load_s": round(time.monotonic() - t0, 1), "batches": []}
 
     class StopAfter(StoppingCriteria):
@@ -499,13 +505,14 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
 
 REF_FLAGS: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
-    "rebalance": {"sampling": "batch_rebalance"},
+    "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"},
 }
 
 
 def _parse_ref_variant(variant: str) -> tuple[int, int, Any, dict[str, Any]]:
     """'8x1:true:padded:rebalance' -> micro-batch 8, accumulation 1, use_gradient_checkpointing True, and the
-    training keys of the flags: padded / padding_free (training.padding_free), rebalance (training.sampling)."""
+    training keys of the flags: padded / padding_free (training.padding_free), rebalance / grouped
+    (training.sampling: batch_rebalance / group_by_length)."""
     parts = variant.split(":")
     micro, accum = (int(x) for x in parts[0].split("x"))
     gc = parts[1] if len(parts) > 1 else "unsloth"
@@ -601,12 +608,13 @@ def main() -> int:
     parser.add_argument("--lever-runs", default="unsloth:true:padded,unsloth:false:padded",
                         help="section levers: more runs of the same form (plain and no checkpointing)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of 2x2048 in every train run")
-    parser.add_argument("--reference", default="2x4:unsloth,8x1:unsloth,2x4:unsloth:padding_free",
+    parser.add_argument("--reference", default="2x4:unsloth,8x1:unsloth,2x4:unsloth:grouped,8x1:unsloth:grouped",
                         help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing unsloth, true or false; "
-                             "flags padded, padding_free, rebalance")
-    parser.add_argument("--eval", default="transformers-16bit-static,transformers-16bit-static:256,transformers-4bit,unsloth-4bit:256",
-                        help="generation variants: unsloth-4bit, transformers-4bit, transformers-16bit-static, each with an "
-                             "optional :NEW_TOKENS")
+                             "flags padded, padding_free, rebalance, grouped")
+    parser.add_argument("--eval", default="transformers-16bit-static,transformers-16bit-static:256,transformers-16bit-static-sdpa,"
+                                          "transformers-4bit,unsloth-4bit:256",
+                        help="generation variants: unsloth-4bit, transformers-4bit, transformers-16bit-static (-sdpa: "
+                             "eval.attention=sdpa), each with an optional :NEW_TOKENS")
     parser.add_argument("--eval-batches", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=1200, help="generated tokens per answer")
     parser.add_argument("--baseline-new-tokens", type=int, default=128,
@@ -799,6 +807,8 @@ def render(results: dict) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, run in results["eval"].items():
         variant = key.partition(":")[0]
+        if run.get("attention") == GQA_DECODE:
+            variant += " (grouped-query decoding)"
         for e in run.get("batches", []):
             lines.append(f"| {variant} | {e['batch']} | {e['new_tokens']} | "
                          f"{_fmt(e.get('tokens_per_s'), ',.1f') if 'error' not in e else e['error']} | "
