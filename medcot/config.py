@@ -79,9 +79,11 @@ class LoraConfig(_Section):
         min_length=1,
         description="Linear layers that get adapters; each must exist in the model.",
     )
-    use_gradient_checkpointing: bool | Literal["unsloth"] = Field(
-        "unsloth",
-        description="true, false, or 'unsloth' (Unsloth's offloaded checkpointing; plain checkpointing elsewhere).",
+    use_gradient_checkpointing: bool | Literal["unsloth", "auto"] = Field(
+        "auto",
+        description="true, false, 'unsloth' (Unsloth's offloaded checkpointing; plain checkpointing elsewhere), or "
+        "'auto': none where a micro-batch's activations fit in the GPU's free memory (faster: no forward pass "
+        "recomputed), else 'unsloth'; none on CPU. The train job logs its choice and records it in summary.json.",
     )
     random_state: int = Field(3407, description="Seed for the adapter's initial weights.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling.")

@@ -312,6 +312,67 @@ def eval_memory_bytes_16bit(config: RunConfig) -> int | None:
     return math.ceil(weights * 1.05) + per_token * tokens + logits + EVAL_MARGIN_BYTES
 
 
+# ---- gradient checkpointing for the train job ------------------------------------------------------
+
+TRAIN_MARGIN_BYTES = 4 * 2**30  # CUDA context, allocator fragmentation, compiled kernels' workspaces
+
+
+def plan_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[bool | str, str]:
+    """(lora.use_gradient_checkpointing resolved, why); see LoraConfig.use_gradient_checkpointing.
+
+    auto: none where a full micro-batch's activations fit in the GPU's free memory beside the weights (no
+    forward pass recomputed: 1.4x the tokens/s of checkpointing at 2x2048 on an H100, BENCHMARKS.md), else
+    Unsloth's offloaded checkpointing (plain checkpointing on the transformers backend). CPU: none."""
+    choice = config.lora.use_gradient_checkpointing
+    if choice != "auto":
+        return choice, "set in the config"
+    if runtime.device != "cuda":
+        return False, "CPU training"
+    import torch
+
+    free = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]
+    need = train_memory_bytes_without_checkpointing(config, runtime)
+    if need is not None and need <= free:
+        return False, f"activations and weights need ~{need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free"
+    return "unsloth", (f"activations and weights need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+                       if need is not None else "cannot size the model's activations")
+
+
+def train_memory_bytes_without_checkpointing(config: RunConfig, runtime: Runtime) -> int | None:
+    """GPU memory a training step of the config's model needs with every activation kept; None if the model
+    cannot be sized (its config.json and safetensors headers, local or on the Hub)."""
+    path = resolve_model_path(config.model.name)
+    try:
+        model_config = _read_json(path, "config.json", config.model.revision)
+        params = parameter_count(path, config.model.revision)
+    except Exception as e:  # noqa: BLE001 -- sizing is advisory: any failure means "not sure it fits"
+        log.info("cannot size %s for training without checkpointing (%s)", config.model.name, e)
+        return None
+    tokens = config.training.per_device_train_batch_size * config.model.max_seq_length
+    return training_memory_bytes(model_config.get("text_config", model_config), params, tokens,
+                                 backend=runtime.backend, load_in_4bit=runtime.load_in_4bit)
+
+
+def training_memory_bytes(text_config: dict[str, Any], params: int, tokens: int, *, backend: str,
+                          load_in_4bit: bool) -> int:
+    """Weights (4-bit NF4 with 16-bit embeddings, or 16-bit), the activations of `tokens` tokens in one
+    micro-batch with none recomputed, and a margin.
+
+    Per token and layer, 2 bytes x (6 x hidden + 3 x intermediate) on the Unsloth path: about what its fused
+    kernels keep (the 8B model on an H100, padded batches, no checkpointing, peaked at 20.8 GiB at 2x2048 and
+    66.2 GiB at 8x2048: 3.7 MiB a token; this gives 4.0). The transformers path keeps more and materialises
+    fp32 logits; its factors (10 x hidden + 5 x intermediate, 6 bytes a logit) are an upper guess, unmeasured."""
+    hidden, layers, vocab = text_config["hidden_size"], text_config["num_hidden_layers"], text_config["vocab_size"]
+    intermediate = text_config.get("intermediate_size", 4 * hidden)
+    embeddings = vocab * hidden * (1 if text_config.get("tie_word_embeddings") else 2)
+    weights = (params - embeddings) * 0.55 + embeddings * 2 if load_in_4bit else params * 2
+    if backend == "unsloth":
+        activations = tokens * layers * 2 * (6 * hidden + 3 * intermediate)
+    else:
+        activations = tokens * layers * 2 * (10 * hidden + 5 * intermediate) + tokens * vocab * 6
+    return math.ceil(weights + activations) + TRAIN_MARGIN_BYTES
+
+
 def _read_json(path: str, filename: str, revision: str | None) -> dict[str, Any]:
     local = Path(path) / filename
     if Path(path).is_dir():

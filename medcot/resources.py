@@ -93,8 +93,9 @@ def memory_fixes(config: RunConfig, stage: str) -> list[tuple[str, str]]:
             fixes.append((f"training.per_device_train_batch_size={smaller} "
                           f"training.gradient_accumulation_steps={g * b // smaller}",
                           f"same global batch of {b * g} rows per device, in smaller micro-batches"))
-        if not config.lora.use_gradient_checkpointing:
-            fixes.append(("lora.use_gradient_checkpointing=true", "recompute activations in the backward pass"))
+        if config.lora.use_gradient_checkpointing in (False, "auto"):
+            fixes.append(("lora.use_gradient_checkpointing=unsloth",
+                          "recompute activations in the backward pass (offloaded to CPU memory on Unsloth)"))
     else:
         if config.eval.batch_size > 1:
             fixes.append((f"eval.batch_size={config.eval.batch_size // 2}", "fewer prompts generated together"))

@@ -325,7 +325,14 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     """The train job: prepare data, load model + LoRA, train with resume, publish `train/` atomically."""
     from medcot.config import save_config
     from medcot.data import prepare
-    from medcot.modeling import add_lora, check_target_modules, load_model, load_tokenizer, resolve_model_path
+    from medcot.modeling import (
+        add_lora,
+        check_target_modules,
+        load_model,
+        load_tokenizer,
+        plan_checkpointing,
+        resolve_model_path,
+    )
     from medcot.rundir import RunDir, write_json
 
     run = RunDir(config.run_dir)
@@ -364,14 +371,21 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     data = prepare(config.data, tokenizer, config.model.max_seq_length)
     log.info("%s", data.report.summary())
 
+    # Checkpointing changes memory and speed, not the result: the config hash (resume) keeps the value as written.
+    checkpointing, why = plan_checkpointing(config, runtime)
+    log.info("gradient checkpointing: %s (%s)", {False: "none", True: "plain"}.get(checkpointing, checkpointing), why)
+    train_config = config.model_copy(update={"lora": config.lora.model_copy(update={"use_gradient_checkpointing": checkpointing})})
+
     t_load = time.monotonic()
-    model, tokenizer = load_model(config, runtime, for_training=True)
-    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    model, tokenizer = load_model(train_config, runtime, for_training=True)
+    model = add_lora(model, train_config.lora, runtime, config.model.max_seq_length)
     load_s = time.monotonic() - t_load
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model loaded in %.1f s; %.2f M trainable LoRA parameters", load_s, trainable / 1e6)
 
-    trainer, summary, stopped_by = run_training(config, runtime, model, tokenizer, build_dataset(data.train, tokenizer), ckpt)
+    trainer, summary, stopped_by = run_training(train_config, runtime, model, tokenizer,
+                                                build_dataset(data.train, tokenizer), ckpt)
+    summary.update(gradient_checkpointing=checkpointing, gradient_checkpointing_why=why)
     if stopped_by:
         done = complete_checkpoints(ckpt)
         log.error(

@@ -22,7 +22,7 @@ def test_defaults_are_the_reference_recipe():
         "FreedomIntelligence/medical-o1-reasoning-SFT", "en", "train", 500)
     assert (c.lora.r, c.lora.lora_alpha, c.lora.lora_dropout, c.lora.bias) == (16, 16, 0.0, "none")
     assert c.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert (c.lora.use_gradient_checkpointing, c.lora.random_state, c.lora.use_rslora, c.lora.loftq) == ("unsloth", 3407, False, False)
+    assert (c.lora.use_gradient_checkpointing, c.lora.random_state, c.lora.use_rslora, c.lora.loftq) == ("auto", 3407, False, False)
     t = c.training
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (2, 4, 5, 60)
     assert (t.learning_rate, t.optim, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (

@@ -53,7 +53,7 @@ def build_small_llama(folder: Path) -> Path:
 
 
 def overrides(backend: str, model_dir: Path, work: Path) -> list[str]:
-    """The recipe (4-bit, LoRA r 16 on all 7 projections, Unsloth checkpointing, 8-bit AdamW) on the sample data."""
+    """The recipe (4-bit, LoRA r 16 on all 7 projections, checkpointing auto, 8-bit AdamW) on the sample data."""
     return [
         f"model.name={model_dir}", f"model.backend={backend}", "model.load_in_4bit=true", "model.max_seq_length=1024",
         f"data.path={SAMPLE}", "data.train_rows=40", "data.heldout_rows=0",
@@ -99,11 +99,13 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
         "merged": str(config.run_dir / "merge" / "model"),
     }
 
-    # Both batch layouts train: padded batches (Unsloth compiles each block) and padding-free.
+    # Both batch layouts train: padded batches (Unsloth compiles each block) and padding-free, with
+    # checkpointing on (offloaded on Unsloth), which `auto` turns off for a model this small.
     result["layouts"] = {}
     for layout in ("false", "true"):
         cfg = load_config(None, overrides(backend, model_dir, work) + [
-            f"run_name={backend}-padding-free-{layout}", f"training.padding_free={layout}", "training.max_steps=2"])
+            f"run_name={backend}-padding-free-{layout}", f"training.padding_free={layout}", "training.max_steps=2",
+            "lora.use_gradient_checkpointing=unsloth"])
         assert train_stage(cfg, runtime) == 0
         losses = json.loads((cfg.run_dir / "train" / "summary.json").read_text())["losses"]
         result["layouts"][layout] = [x["loss"] for x in losses]
@@ -186,6 +188,12 @@ def test_saved_adapter_loads_with_plain_peft_and_is_trained(pipeline):
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert len(lora_b) == 4 * 7  # every layer, all seven projections
     assert all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: nonzero means it was trained and saved
+
+
+def test_auto_checkpointing_is_off_where_the_activations_fit(pipeline):
+    summary = pipeline["summary"]
+    assert summary["gradient_checkpointing"] is False, summary["gradient_checkpointing_why"]
+    assert "GiB free" in summary["gradient_checkpointing_why"]
 
 
 def test_both_batch_layouts_train_with_finite_losses(pipeline):

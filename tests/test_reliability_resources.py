@@ -75,7 +75,7 @@ def test_oom_in_training_names_the_overrides_that_fit_and_keeps_the_last_checkpo
 
     assert_clean_failure(done, f"CUDA out of memory during training ({OOM_TEXT})",
                          "training.per_device_train_batch_size=1 training.gradient_accumulation_steps=4",
-                         "same global batch of 4 rows", "lora.use_gradient_checkpointing=true",
+                         "same global batch of 4 rows", "lora.use_gradient_checkpointing=unsloth",
                          "model.max_seq_length=128", "The last complete checkpoint, checkpoint-2, is intact.", codes=(1,))
     checkpoints = tmp_path / "out" / "oom" / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2"]

@@ -7,11 +7,18 @@ import torch
 
 from medcot.config import DataConfig, load_config
 from medcot.data import prepare, tokenize_example
-from medcot.modeling import add_lora, load_model, select_backend
+from medcot.modeling import (
+    TRAIN_MARGIN_BYTES,
+    add_lora,
+    load_model,
+    plan_checkpointing,
+    select_backend,
+    training_memory_bytes,
+)
 from medcot.prompts import RESPONSE_MARKER
 from medcot.training import build_dataset, build_trainer, complete_checkpoints, train_stage
 
-from conftest import SAMPLE
+from conftest import ROOT, SAMPLE
 
 
 def trainer_on(config, checkpoint_dir, rows: int = 4):
@@ -88,11 +95,12 @@ def test_train_job_trains_publishes_adapter_and_summary(tiny_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = load_config(None, tiny_config())
+    config = load_config(None, tiny_config("lora.use_gradient_checkpointing=auto"))
     assert train_stage(config, select_backend(config.model)) == 0
     stage = config.run_dir / "train"
     summary = json.loads((stage / "summary.json").read_text())
     assert summary["global_step"] == 4 and [h["step"] for h in summary["losses"]] == [1, 2, 3, 4]
+    assert (summary["gradient_checkpointing"], summary["gradient_checkpointing_why"]) == (False, "CPU training")
     assert summary["train_tokens"] > 0 and summary["train_tokens_per_s"] > 0 and summary["backend"] == "transformers"
     assert summary["data"]["train_rows"] == 40 and summary["data"]["dropped_total"] == 0
     assert (stage / "manifest.json").is_file() and (stage / "config.yaml").is_file()
@@ -173,3 +181,28 @@ def test_group_by_length_sees_every_row_once_and_pads_less_than_random_pairs(tin
     assert [m.shape[0] for m in grouped] == [2] * 8
     assert sum(int(m.sum()) for m in grouped) == sum(int(m.sum()) for m in shuffled)
     assert sum(int((m == 0).sum()) for m in grouped) < sum(int((m == 0).sum()) for m in shuffled)
+
+
+@pytest.mark.parametrize("value", [True, False, "unsloth"])
+def test_checkpointing_set_in_the_config_is_kept(tiny_config, value):
+    config = load_config(None, tiny_config(f"lora.use_gradient_checkpointing={str(value).lower()}"))
+    assert plan_checkpointing(config, select_backend(config.model)) == (value, "set in the config")
+
+
+def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
+    """The sizing behind `auto` against what the 8B model peaked at on an H100 with no checkpointing
+    (bench/results): never below a measured peak (auto must not pick a run that cannot fit), at most 15% above."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run import R1_DISTILL_LLAMA_8B
+
+    results = json.loads((ROOT / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-machine2.json").read_text())
+    run = results["train"]["unsloth:false:padded"]
+    params = results["build"]["params"]
+    assert len(run["shapes"]) == 3
+    for shape in run["shapes"]:
+        estimate = training_memory_bytes(R1_DISTILL_LLAMA_8B, params, shape["batch"] * shape["seq_len"],
+                                         backend="unsloth", load_in_4bit=True) - TRAIN_MARGIN_BYTES
+        measured = shape["peak_memory_gib"] * 2**30
+        assert measured <= estimate <= 1.15 * measured, (shape["batch"], shape["seq_len"], estimate / 2**30)
