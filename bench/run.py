@@ -499,7 +499,8 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
         s = json.loads(summary_path.read_text())
         entry.update(model_load_s=s.get("model_load_s"), train_s=s["train_runtime_s"], train_tokens=s["train_tokens"],
                      tokens_per_s=s["train_tokens_per_s"], peak_memory_gib=s["peak_memory_gib"], steps=s["global_step"],
-                     losses=[x["loss"] for x in s["losses"]], adapter=str(run_dir / "train" / "adapter"))
+                     losses=[x["loss"] for x in s["losses"]], adapter=str(run_dir / "train" / "adapter"),
+                     checkpointing=s.get("gradient_checkpointing"))
     return entry
 
 
@@ -608,8 +609,9 @@ def main() -> int:
     parser.add_argument("--lever-runs", default="unsloth:true:padded,unsloth:false:padded",
                         help="section levers: more runs of the same form (plain and no checkpointing)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of 2x2048 in every train run")
-    parser.add_argument("--reference", default="2x4:unsloth,8x1:unsloth,2x4:unsloth:grouped,8x1:unsloth:grouped",
-                        help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing unsloth, true or false; "
+    parser.add_argument("--reference", default="2x4:auto,2x4:unsloth,8x1:unsloth,8x1:unsloth:grouped,8x1:false:grouped",
+                        help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing auto, unsloth, true "
+                             "or false; "
                              "flags padded, padding_free, rebalance, grouped")
     parser.add_argument("--eval", default="transformers-16bit-static,transformers-16bit-static:256,transformers-16bit-static-sdpa,"
                                           "transformers-4bit,unsloth-4bit:256",
@@ -667,7 +669,7 @@ def main() -> int:
                 for key in runs.split(","):
                     key, _, only = key.partition("@")  # "unsloth:unsloth:auto@2x2048" measures that shape alone
                     backend, gc, layout = (key.split(":") + ["default"])[:3]
-                    shapes = TRAIN_SHAPES if gc != "false" else TRAIN_SHAPES[1:2]  # no checkpointing: 8x2048 cannot fit
+                    shapes = TRAIN_SHAPES  # a shape that does not fit (no checkpointing, small GPU) records its OOM
                     if only:
                         shapes = [tuple(int(x) for x in shape.split("x")) for shape in only.split("+")]
                     spec = {**common, "backend": backend, "gc": gc, "shapes": shapes,
@@ -790,7 +792,11 @@ def render(results: dict) -> str:
         padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
                           ", padding-free" if flags.get("padding_free") else "",
                           f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
-        lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {e['gc']} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
+        names = {False: "none", True: "plain", "unsloth": "unsloth (offloaded)"}
+        gc = names.get(e["gc"], e["gc"])
+        if e["gc"] == "auto" and "checkpointing" in e:
+            gc = f"auto: {names.get(e['checkpointing'], e['checkpointing'])}"
+        lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |")
     ref_loss = _loss_agreement(results["reference"])
