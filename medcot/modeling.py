@@ -293,13 +293,10 @@ def choose_eval_weights(config: RunConfig, free_bytes: int | None) -> str:
 
 def eval_memory_bytes_16bit(config: RunConfig) -> int | None:
     """GPU memory the 16-bit evaluation needs: weights, KV cache of a full batch, margin; None if unknown."""
-    path = resolve_model_path(config.model.name)
-    try:
-        model_config = _read_json(path, "config.json", config.model.revision)
-        params = parameter_count(path, config.model.revision)
-    except Exception as e:  # noqa: BLE001 -- sizing is advisory: any failure means "not sure it fits"
-        log.info("cannot size %s for 16-bit evaluation (%s)", config.model.name, e)
+    sized = _model_size(config, "16-bit evaluation")
+    if sized is None:
         return None
+    model_config, params = sized
     if model_config.get("quantization_config"):
         return None  # a pre-quantized checkpoint has no 16-bit weights to load
     text = model_config.get("text_config", model_config)
@@ -341,13 +338,10 @@ def plan_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[bool | str,
 def train_memory_bytes_without_checkpointing(config: RunConfig, runtime: Runtime) -> int | None:
     """GPU memory a training step of the config's model needs with every activation kept; None if the model
     cannot be sized (its config.json and safetensors headers, local or on the Hub)."""
-    path = resolve_model_path(config.model.name)
-    try:
-        model_config = _read_json(path, "config.json", config.model.revision)
-        params = parameter_count(path, config.model.revision)
-    except Exception as e:  # noqa: BLE001 -- sizing is advisory: any failure means "not sure it fits"
-        log.info("cannot size %s for training without checkpointing (%s)", config.model.name, e)
+    sized = _model_size(config, "training without checkpointing")
+    if sized is None:
         return None
+    model_config, params = sized
     tokens = config.training.per_device_train_batch_size * config.model.max_seq_length
     return training_memory_bytes(model_config.get("text_config", model_config), params, tokens,
                                  backend=runtime.backend, load_in_4bit=runtime.load_in_4bit)
@@ -371,6 +365,16 @@ def training_memory_bytes(text_config: dict[str, Any], params: int, tokens: int,
     else:
         activations = tokens * layers * 2 * (10 * hidden + 5 * intermediate) + tokens * vocab * 6
     return math.ceil(weights + activations) + TRAIN_MARGIN_BYTES
+
+
+def _model_size(config: RunConfig, purpose: str) -> tuple[dict[str, Any], int] | None:
+    """(config.json, parameter count) of the config's model, local or on the Hub; None (logged) if unreadable."""
+    path = resolve_model_path(config.model.name)
+    try:
+        return _read_json(path, "config.json", config.model.revision), parameter_count(path, config.model.revision)
+    except Exception as e:  # noqa: BLE001 -- sizing is advisory: any failure means "not sure it fits"
+        log.info("cannot size %s for %s (%s)", config.model.name, purpose, e)
+        return None
 
 
 def _read_json(path: str, filename: str, revision: str | None) -> dict[str, Any]:
