@@ -58,10 +58,13 @@ DOWNLOAD_4BIT_GB_PER_B = 0.75
 # LoRA weights, gradients and Adam states in fp32 (16 bytes a parameter); rank 16 on all seven Llama projections
 # adds about 0.52% of the base's parameters.
 LORA_GB_PER_B_AT_R16 = 0.084
-# Activations with gradient checkpointing, per row of a micro-batch and per 1024 tokens of max_seq_length. Not
-# measured here: chosen so that the reference recipe (8B, 2 x 2048) comes to the ~8 GB its issue states; real use
-# depends on the row lengths. BENCHMARKS.md has measured peaks once `make bench` has run.
+# Activations per billion parameters, per row of a micro-batch and per 1024 tokens of max_seq_length. With
+# checkpointing: chosen so that the reference recipe (8B, 2 x 2048) comes to the ~8 GB its issue states (measured
+# on an H100: 6.8 GiB peak, Unsloth's offloaded checkpointing). Without: from the same model's 20.8 GiB peak
+# at 2 x 2048 (BENCHMARKS.md), less its ~5.7 GiB of weights and optimizer state. `auto` is sized as checkpointed,
+# the least it needs: the train job turns checkpointing off only where the GPU has room.
 ACTIVATION_GB_PER_B = 0.06
+ACTIVATION_GB_PER_B_NO_CHECKPOINTING = 0.5
 CUDA_CONTEXT_GB = 1.0
 CHECKPOINTS_GB = 1.0
 
@@ -178,7 +181,8 @@ def estimate_needs(config: RunConfig) -> Needs | None:
     lora_share = (config.lora.r / 16) * (len(config.lora.target_modules) / 7)
     needs.gpu["LoRA + optimizer"] = params_b * LORA_GB_PER_B_AT_R16 * lora_share
     rows = config.training.per_device_train_batch_size
-    needs.gpu["activations"] = params_b * ACTIVATION_GB_PER_B * rows * config.model.max_seq_length / 1024
+    per_b = ACTIVATION_GB_PER_B if config.lora.use_gradient_checkpointing is not False else ACTIVATION_GB_PER_B_NO_CHECKPOINTING
+    needs.gpu["activations"] = params_b * per_b * rows * config.model.max_seq_length / 1024
     needs.gpu["CUDA context"] = CUDA_CONTEXT_GB
 
     sixteen_bit_gb = params_b * 2
