@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medcot.attention import GQA_DECODE  # noqa: E402  (no torch at import)
+from medcot.modeling import checkpointing_name  # noqa: E402
 
 # The architecture of deepseek-ai/DeepSeek-R1-Distill-Llama-8B (its config.json), which is Llama-3.1-8B's.
 R1_DISTILL_LLAMA_8B: dict[str, Any] = dict(
@@ -197,9 +198,10 @@ def worker_train(spec: dict) -> None:
     from medcot.modeling import select_backend
 
     setup_logging()
+    layout = spec["layout"]
     base = _base_overrides(spec) + [f"lora.use_gradient_checkpointing={spec['gc']}"]
-    if spec.get("padding_free") is not None:
-        base.append(f"training.padding_free={str(spec['padding_free']).lower()}")
+    if LAYOUTS[layout] is not None:
+        base.append(f"training.padding_free={str(LAYOUTS[layout]).lower()}")
     config = load_config(None, base)
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers
     from datasets import Dataset
@@ -208,7 +210,6 @@ def worker_train(spec: dict) -> None:
     import medcot.training as training
     from medcot.modeling import add_lora, load_model
 
-    layout = {None: "default", False: "padded", True: "padding_free"}[spec.get("padding_free")]
     for old in Path(spec["work"]).glob(f"ckpt-*-{runtime.backend}-{spec['gc']}-{layout}-*"):
         shutil.rmtree(old)  # a measurement never resumes an earlier one
 
@@ -367,11 +368,9 @@ def worker_eval(spec: dict) -> None:
 
     from medcot.cli import setup_logging
     from medcot.config import load_config
-    from medcot.modeling import select_backend
+    from medcot.modeling import plan_eval_model, select_backend
 
     setup_logging()
-    from medcot.modeling import plan_eval_model
-
     variant = spec["variant"]
     backend = "unsloth" if variant.startswith("unsloth") else "transformers"
     weights = "4bit" if "4bit" in variant else "16bit"
@@ -674,7 +673,7 @@ def main() -> int:
                         shapes = [tuple(int(x) for x in shape.split("x")) for shape in only.split("+")]
                     spec = {**common, "backend": backend, "gc": gc, "shapes": shapes,
                             "steps": args.steps if backend == "unsloth" else args.baseline_steps,
-                            "warmup_steps": args.warmup_steps, "padding_free": LAYOUTS[layout],
+                            "warmup_steps": args.warmup_steps, "layout": layout,
                             "profile": args.profile}
                     results["train"][f"{backend}:{gc}:{layout}"] = run_worker("train", spec, work, deadline, log, f"train {key}",
                                                                             cap_s=480)
@@ -792,10 +791,9 @@ def render(results: dict) -> str:
         padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
                           ", padding-free" if flags.get("padding_free") else "",
                           f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
-        names = {False: "none", True: "plain", "unsloth": "unsloth (offloaded)"}
-        gc = names.get(e["gc"], e["gc"])
+        gc = checkpointing_name(e["gc"])
         if e["gc"] == "auto" and "checkpointing" in e:
-            gc = f"auto: {names.get(e['checkpointing'], e['checkpointing'])}"
+            gc = f"auto: {checkpointing_name(e['checkpointing'])}"
         lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |")

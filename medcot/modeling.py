@@ -242,12 +242,11 @@ def load_with_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path | N
     else:
         from medcot.attention import use_for_inference
 
-        attention = use_for_inference(model, config.eval.attention)
-        log.info("inference attention: %s", attention)
-    if runtime.backend != "unsloth" and runtime.device == "cuda" and not runtime.load_in_4bit:
-        # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
-        # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.
-        model.generation_config.cache_implementation = "static"
+        log.info("inference attention: %s", use_for_inference(model, config.eval.attention))
+        if runtime.device == "cuda" and not runtime.load_in_4bit:
+            # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
+            # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.
+            model.generation_config.cache_implementation = "static"
     model.eval()
     return model, tokenizer
 
@@ -266,11 +265,7 @@ def plan_eval_model(config: RunConfig) -> tuple[ModelConfig, str]:
     """
     if not _cuda_available():
         return config.model, "16bit"  # 4-bit needs CUDA: select_backend loads full precision and says so
-    free = None
-    if config.eval.weights == "auto" and config.model.load_in_4bit:
-        import torch
-
-        free = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]
+    free = _free_gpu_bytes() if config.eval.weights == "auto" and config.model.load_in_4bit else None
     weights = choose_eval_weights(config, free)
     if weights == "4bit":
         return config.model.model_copy(update={"load_in_4bit": True}), "4bit"
@@ -325,14 +320,26 @@ def plan_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[bool | str,
         return choice, "set in the config"
     if runtime.device != "cuda":
         return False, "CPU training"
+    free = _free_gpu_bytes()
+    need = train_memory_bytes_without_checkpointing(config, runtime)
+    if need is None:
+        return "unsloth", "cannot size the model's activations"
+    sizes = f"activations and weights need ~{need / 2**30:.1f} GiB"
+    if need <= free:
+        return False, f"{sizes} of {free / 2**30:.1f} GiB free"
+    return "unsloth", f"{sizes}, {free / 2**30:.1f} GiB free"
+
+
+def checkpointing_name(value: bool | str) -> str:
+    """lora.use_gradient_checkpointing as the logs and the benchmark tables say it."""
+    return {False: "none", True: "plain", "unsloth": "unsloth (offloaded)"}.get(value, str(value))
+
+
+def _free_gpu_bytes() -> int:
+    """Free memory of this process's GPU (LOCAL_RANK's under torchrun)."""
     import torch
 
-    free = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]
-    need = train_memory_bytes_without_checkpointing(config, runtime)
-    if need is not None and need <= free:
-        return False, f"activations and weights need ~{need / 2**30:.1f} GiB of {free / 2**30:.1f} GiB free"
-    return "unsloth", (f"activations and weights need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-                       if need is not None else "cannot size the model's activations")
+    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))[0]
 
 
 def train_memory_bytes_without_checkpointing(config: RunConfig, runtime: Runtime) -> int | None:

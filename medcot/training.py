@@ -328,6 +328,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     from medcot.modeling import (
         add_lora,
         check_target_modules,
+        checkpointing_name,
         load_model,
         load_tokenizer,
         plan_checkpointing,
@@ -373,7 +374,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
 
     # Checkpointing changes memory and speed, not the result: the config hash (resume) keeps the value as written.
     checkpointing, why = plan_checkpointing(config, runtime)
-    log.info("gradient checkpointing: %s (%s)", {False: "none", True: "plain"}.get(checkpointing, checkpointing), why)
+    log.info("gradient checkpointing: %s (%s)", checkpointing_name(checkpointing), why)
     train_config = config.model_copy(update={"lora": config.lora.model_copy(update={"use_gradient_checkpointing": checkpointing})})
 
     t_load = time.monotonic()
