@@ -36,7 +36,8 @@ class ModelConfig(_Section):
     max_seq_length: int = Field(2048, gt=0, description="Longest training text in tokens; longer rows are dropped.")
     load_in_4bit: bool = Field(True, description="Load the base weights in 4-bit NF4 (QLoRA). Needs a CUDA GPU.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Compute dtype: auto = bf16 where the GPU supports it, else fp16; fp32 on CPU."
+        "auto", description="Compute dtype: auto = bf16 where the GPU supports it, else fp16; on CPU bf16 where the "
+        "processor has bf16 matrix instructions (AMX or AVX-512 BF16), else fp32."
     )
     backend: Literal["auto", "unsloth", "transformers"] = Field(
         "auto", description="auto = Unsloth when a CUDA GPU is present and unsloth imports, else transformers+peft."
@@ -101,7 +102,8 @@ class TrainingConfig(_Section):
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     seed: int = Field(3407, description="Seed for data order and dropout.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 where supported, else fp16 on GPU; fp32 on CPU."
+        "auto", description="Mixed precision of training: auto = the model's compute dtype (model.dtype), bf16 or "
+        "fp16 on GPU, bf16 or fp32 on CPU."
     )
     logging_steps: int = Field(10, gt=0, description="Log loss every N optimizer steps.")
     save_steps: int = Field(20, gt=0, description="Checkpoint every N optimizer steps (resume point after a crash).")

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
 
 from medcot.config import McqSourceConfig, RunConfig
 from medcot.data import DataError, Example, prepare, read_rows, tokenize_example
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
+from medcot.progress import Progress
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
 from medcot.resources import SplitState, resource_errors, split_on_oom
 from medcot.rundir import RunDir, StageError, write_json
@@ -79,6 +80,30 @@ def eval_items(config: RunConfig, heldout: list[Example]) -> list[EvalItem]:
 
 # ---- generation ------------------------------------------------------------------------------------
 
+class _DecodeSteps(BaseStreamer):
+    """Fed by `generate` with the prompts, then with each row's new token at every decoding step: moves `progress`
+    one step at a time, so that a batch of long answers shows its rate and time left while it decodes."""
+
+    def __init__(self, progress: Progress, eos_ids: list[int]) -> None:
+        self.progress, self.eos = progress, torch.tensor(eos_ids)
+        self.steps = self.tokens = 0
+        self.finished = torch.zeros(0, dtype=torch.bool)
+        self.t0 = time.monotonic()
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1:  # the prompts of a (sub-)batch: decoding starts
+            self.finished = torch.zeros(value.shape[0], dtype=torch.bool)
+            return
+        self.tokens += int((~self.finished).sum())
+        self.finished |= torch.isin(value.view(-1), self.eos)
+        self.steps += 1
+        rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
+        self.progress.update(1, f"{int(self.finished.sum())}/{len(self.finished)} answers ended, {rate:.0f} tokens/s")
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
              temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate") -> tuple[list[dict], float]:
@@ -92,14 +117,16 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
     eos_ids = _eos_ids(model, tokenizer)
-    generated_total, t0 = 0, time.monotonic()
+    t0 = time.monotonic()
     split = SplitState()
-    bar = tqdm(total=len(prompts), desc=desc, unit="q", mininterval=2.0)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # In decoding steps: each batch takes at most max_new_tokens; one that ends early skips the rest of its share.
+    progress = Progress(f"{desc} ({len(prompts)} answers, batch {batch_size})", len(batches) * max_new_tokens, "steps")
+    for idx in batches:
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        steps = _DecodeSteps(progress, eos_ids)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
-                                  "eos_token_id": eos_ids}
+                                  "eos_token_id": eos_ids, "streamer": steps}
         if do_sample:
             kwargs["temperature"] = temperature
         else:  # silence the sampling defaults a model's generation_config may carry
@@ -108,6 +135,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             kwargs["min_new_tokens"] = min_new_tokens
         # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
+        progress.update(max(max_new_tokens - steps.steps, 0))
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
@@ -123,11 +151,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                 "prompt_tokens": int(batch["attention_mask"][row].sum()),
                 "hit_token_limit": not stopped and n >= max_new_tokens,
             }
-            generated_total += n
-        elapsed = time.monotonic() - t0
-        bar.update(len(idx))
-        bar.set_postfix_str(f"{generated_total / max(elapsed, 1e-9):.0f} tokens/s")
-    bar.close()
+    progress.close()
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
@@ -147,6 +171,7 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
     device = next(model.parameters()).device
     losses = []
     split = SplitState()
+    progress = Progress(f"held-out loss ({len(examples)} rows, batch {batch_size})", len(examples), "rows")
     for start in range(0, len(examples), batch_size):
         encoded = [tokenize_example(ex, tokenizer) for ex in examples[start:start + batch_size]]
         width = max(len(e["input_ids"]) for e in encoded)
@@ -164,6 +189,8 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
         scored = target[:, 1:]
         for r in range(len(encoded)):
             losses.append((float(nll[r][scored[r]].sum()), int(scored[r].sum())))
+        progress.update(len(encoded))
+    progress.close()
     return losses
 
 

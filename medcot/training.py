@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 from medcot.config import RunConfig
 from medcot.data import Example, tokenize_example
 from medcot.modeling import Runtime
+from medcot.progress import duration
 from medcot.resources import resource_errors
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class ProgressLog(TrainerCallback):
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %s  eta %s",
             state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0),
-            tokens_per_s, memory_text(self.device), _duration(eta),
+            tokens_per_s, memory_text(self.device), duration(eta),
         )
         return control
 
@@ -141,19 +142,17 @@ def memory_text(device: str) -> str:
     return f"peak {'GPU' if device == 'cuda' else 'RSS'} {peak_memory_gib(device):.1f} GiB"
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # ---- trainer ---------------------------------------------------------------------------------------
 
 def _precision(config: RunConfig, runtime: Runtime) -> dict[str, bool]:
+    """training.precision resolved: autocast to the model's 16-bit compute dtype (the LoRA weights and the optimizer
+    stay fp32). On CPU only bf16 autocasts; fp16 there would be emulated."""
     choice = config.training.precision
-    if runtime.device != "cuda":
-        return {"bf16": False, "fp16": False}
     if choice == "auto":
-        choice = "bf16" if runtime.dtype_name == "bfloat16" else "fp16"
+        choice = {"bfloat16": "bf16", "float16": "fp16"}.get(runtime.dtype_name, "fp32")
+    if runtime.device != "cuda" and choice == "fp16":
+        log.warning("training.precision=fp16 has no CPU kernels; training in fp32 on CPU")
+        choice = "fp32"
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
@@ -406,7 +405,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     dist.wait_for_everyone()
     log.info(
         "train: done in %s (%d steps, %.0f tokens/s, %s); adapter in %s",
-        _duration(summary["train_runtime_s"]), summary["global_step"], summary["train_tokens_per_s"] or 0,
+        duration(summary["train_runtime_s"]), summary["global_step"], summary["train_tokens_per_s"] or 0,
         memory_text(runtime.device), run.stage("train") / "adapter",
     )
     return 0
