@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.py on an offline GPU machine that has torch, transformers and peft but not the rest: installs the
-# wheels carried in .whl/ (see ../shared/gpu-wheels/fetch.sh; trl 1.14.0 and the pydantic/rouge-score wheels
-# added) into /tmp/site, then runs the benchmark with the given arguments.
+# wheels carried in .whl/ (bench/wheels.sh: the lock's pins that the machine lacks) into /tmp/site, prints where
+# the machine still differs from docker/requirements.lock, then runs the benchmark with the given arguments.
 #     bash bench/device.sh --sections peak,build,train --out "$OUT"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +10,5 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 bench/run.py --lock-diff
 exec python3 bench/run.py "$@"

@@ -561,10 +561,29 @@ def run_worker(kind: str, spec: dict, work: Path, deadline: float, log, label: s
     return data
 
 
+def lock_differences() -> dict[str, dict[str, str | None]]:
+    """Packages of docker/requirements.lock (the image's pins) installed here at another version, or not at all:
+    {name: {"lock": version, "installed": version or None}}. What these numbers ran on beyond the image."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lock = re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", (ROOT / "docker" / "requirements.lock").read_text(), re.M)
+    found: dict[str, dict[str, str | None]] = {}
+    for name, pinned in lock:
+        try:
+            installed: str | None = version(name)
+        except PackageNotFoundError:
+            installed = None
+        # A local build tag (torch's "+cu130") names how the same version was built.
+        if installed is None or installed.split("+")[0] != pinned:
+            found[name] = {"lock": pinned, "installed": installed}
+    return found
+
+
 def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
-    info: dict[str, Any] = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "versions": {}}
+    info: dict[str, Any] = {"date": dt.date.today().isoformat(), "python": platform.python_version(), "versions": {},
+                            "lock_differences": lock_differences()}
     for pkg in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate", "datasets", "triton"):
         with contextlib.suppress(PackageNotFoundError):
             info["versions"][pkg] = version(pkg)
@@ -621,6 +640,7 @@ def main() -> int:
     parser.add_argument("--baseline-new-tokens", type=int, default=128,
                         help="generated tokens per answer for transformers-4bit (about 8 tokens/s at batch 1)")
     parser.add_argument("--render", nargs="+", metavar="JSON", help="only write BENCHMARKS.md from these results")
+    parser.add_argument("--lock-diff", action="store_true", help="only print where this machine differs from the lock")
     parser.add_argument("--benchmarks-md", help="the report to write (default BENCHMARKS.md; WORK/BENCHMARKS.md with --tiny)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -632,6 +652,12 @@ def main() -> int:
     work = Path(args.work)
     args.out = args.out or str(work if args.tiny else ROOT / "bench" / "results")
     args.benchmarks_md = args.benchmarks_md or str(work / "BENCHMARKS.md" if args.tiny else ROOT / "BENCHMARKS.md")
+    if args.lock_diff:
+        differences = lock_differences()
+        for name, d in sorted(differences.items()):
+            print(f"{name}: {d['installed'] or 'not installed'} here, {d['lock']} in docker/requirements.lock")
+        print(f"{len(differences)} package(s) differ from the lock")
+        return 0
     if args.render:
         results = merge_results([json.loads(Path(p).read_text()) for p in args.render])
         write_benchmarks_md(Path(args.benchmarks_md), results)
@@ -749,6 +775,10 @@ def render(results: dict) -> str:
         f"Python {meta.get('python')}",
         f"- bf16 matmul peak of this GPU (8192^3, median): {_fmt(peak, ',.0f', ' TFLOP/s')}",
     ]
+    if "lock_differences" in meta:  # results from before the lock have no such record
+        differences = ", ".join(f"{name} {d['installed'] or 'missing'} (lock {d['lock']})"
+                                for name, d in sorted(meta["lock_differences"].items()))
+        lines.append(f"- installed versus the image's lock (docker/requirements.lock): {differences or 'the same'}")
     if meta.get("tiny"):
         lines.append("- **--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**")
     build = results.get("build", {})

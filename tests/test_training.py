@@ -206,3 +206,27 @@ def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
                                          backend="unsloth", load_in_4bit=True) - TRAIN_MARGIN_BYTES
         measured = shape["peak_memory_gib"] * 2**30
         assert measured <= estimate <= 1.15 * measured, (shape["batch"], shape["seq_len"], estimate / 2**30)
+
+
+@pytest.mark.parametrize(("native_bf16", "dtype", "autocast"), [(True, "bfloat16", "bf16"), (False, "float32", None)])
+def test_cpu_trains_in_bf16_only_where_the_processor_has_bf16_instructions(tiny_config, monkeypatch, native_bf16,
+                                                                           dtype, autocast):
+    import medcot.modeling
+    from medcot.training import sft_config
+
+    monkeypatch.setattr(medcot.modeling, "cpu_has_native_bf16", lambda: native_bf16)
+    config = load_config(None, tiny_config())
+    runtime = select_backend(config.model)
+    assert runtime.dtype_name == dtype
+    args = sft_config(config, runtime, ROOT / "unused")
+    assert (args.bf16, args.fp16) == (autocast == "bf16", False)
+    model, _ = load_model(config, runtime, for_training=True)
+    assert model.dtype == getattr(torch, dtype)
+
+
+def test_fp16_asked_for_on_cpu_trains_in_fp32(tiny_config):
+    from medcot.training import sft_config
+
+    config = load_config(None, tiny_config("training.precision=fp16", "model.dtype=float32"))
+    args = sft_config(config, select_backend(config.model), ROOT / "unused")
+    assert (args.bf16, args.fp16) == (False, False)
