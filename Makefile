@@ -25,7 +25,7 @@ NPROC ?= 1
 GPUS ?= $(NPROC)
 TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 
-.PHONY: help setup setup-gpu demo train evaluate merge push preflight report test lint bench
+.PHONY: help setup setup-gpu demo train evaluate merge push preflight report test test-containers lint bench
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -100,7 +100,10 @@ report: setup  ## print the before/after table and rewrite the report for CONFIG
 	$(PY) jobs/report.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 test: setup  ## the offline CPU test suite (what CI runs)
-	$(PY) -m pytest -q -m "not gpu"
+	$(PY) -m pytest -q -m "not gpu and not container"
+
+test-containers: setup  ## build the image and run the chain in containers (needs an engine: .ci/container-engine.sh)
+	$(PY) -m pytest -q -s -m container tests/test_container_chain.py
 
 lint: setup  ## ruff
 	$(PY) -m ruff check medcot jobs tests

@@ -558,7 +558,6 @@ def push(config: RunConfig, run_dir: Path | str, token: str | None, *, dry_run: 
              _files_text(plan["total_files"]), _size(plan["total_bytes"]), time.monotonic() - t0)
     result: dict[str, Any] = {"repo_id": repo_id, "dry_run": dry_run, "inputs": inputs, "plan": plan}
     if dry_run:
-        log.info("push: dry run, nothing uploaded; plan and card in %s", out_dir)
         return result
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -589,9 +588,16 @@ def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bo
     """The push job: a dry run writes `<run>/push-dry-run/`; a real push publishes the `push/` stage."""
     run = RunDir(config.run_dir)
     if dry_run:
+        _, inputs = _sources(config, run)
+        config_hash = config.section_hash("push")
+        # A dry run has no side effects: redone whenever its config or inputs changed, without --force.
+        if run.check_done(DRY_RUN_DIR, config_hash, inputs, force=True):
+            log.info("push: the dry run in %s is of this config and these stages; nothing to do", run.stage(DRY_RUN_DIR))
+            return 0
         # Published like a stage (written aside, renamed into place), so a killed dry run leaves no half plan.
-        with run.publishing(DRY_RUN_DIR, config.section_hash("push")) as (tmp, _):
+        with run.publishing(DRY_RUN_DIR, config_hash, inputs) as (tmp, _):
             push(config, run.root, token, dry_run=True, out_dir=tmp, endpoint=endpoint)
+        log.info("push: dry run, nothing uploaded; plan and card in %s", run.stage(DRY_RUN_DIR))
         return 0
     require_repo_id(config)
     _, inputs = _sources(config, run)

@@ -19,7 +19,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 
 from medcot.config import RunConfig
-from medcot.push import CARD_MARKER, PLAN_FILE, PushError, build_model_card, preflight, push
+from medcot.push import CARD_MARKER, PLAN_FILE, PushError, build_model_card, preflight, push, push_stage
 from medcot.rundir import RunDir, StageError, write_json
 
 from hub_server import HubServer  # tests/ is on sys.path under pytest's default import mode
@@ -416,3 +416,15 @@ def test_dry_run_job_needs_no_token_and_no_reachable_hub(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (run.root / "push-dry-run" / PLAN_FILE).is_file() and (run.root / "push-dry-run" / "README.md").is_file()
     assert not run.is_complete("push")
+
+
+def test_dry_run_is_skipped_when_unchanged_and_redone_without_force_when_the_config_changed(tmp_path, no_network):
+    config = make_config(tmp_path)
+    run = make_run(config)
+    assert push_stage(config, None, dry_run=True) == 0
+    first = (run.root / "push-dry-run" / "manifest.json").read_bytes()
+    assert push_stage(config, None, dry_run=True) == 0
+    assert (run.root / "push-dry-run" / "manifest.json").read_bytes() == first
+    private = config.model_copy(update={"push": config.push.model_copy(update={"private": False})})
+    assert push_stage(private, None, dry_run=True) == 0
+    assert json.loads((run.root / "push-dry-run" / PLAN_FILE).read_text())["private"] is False
