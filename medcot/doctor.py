@@ -38,8 +38,9 @@ DRIVER_FOR_CUDA = {
 }
 # The image's CUDA version: docker/Dockerfile's CUDA_VERSION, which matches the locked torch's CUDA libraries.
 DEFAULT_IMAGE_CUDA = "13.0.2"
-# Environment-sourced compose secrets readable by a non-root user (uid/gid honoured) arrived in Compose 2.20.
-COMPOSE_MIN = (2, 20)
+# Environment-sourced compose secrets readable by a non-root user (uid/gid honoured) arrived in Compose 2.20, the
+# `!reset` tag of compose.cpu.yaml (make up CPU=1) in 2.24.
+COMPOSE_MIN = (2, 24)
 # Engines before 23.0 resolve the user of a container that compose copies its secrets into by looking it up in
 # the host's user database, not the image's (seen with Debian 12's docker.io, Engine 20.10.24): the image's
 # `USER 1000` then starts only where the host has a user with uid 1000.

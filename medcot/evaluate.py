@@ -207,6 +207,7 @@ def stage_name(which: str) -> str:
 
 
 def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool = False) -> int:
+    started = time.monotonic()
     from medcot.config import save_config
     from medcot.metrics import summarize
     from medcot.training import data_inputs
@@ -252,7 +253,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
                    weights="4bit" if runtime.load_in_4bit else runtime.dtype_name)
 
-    with run.publishing(name, config_hash, inputs) as (tmp, _):
+    with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

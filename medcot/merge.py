@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_di
 
 
 def merge_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
+    started = time.monotonic()
     run = RunDir(config.run_dir)
     train = run.require("train", needed_by="merge")
     inputs = {"train": train.identity()}
@@ -51,7 +53,7 @@ def merge_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         log.info("merge: already finished in %s with this adapter; nothing to do (delete the stage folder to redo it)", run.stage("merge"))
         return 0
     adapter = run.stage("train") / "adapter"
-    with run.publishing("merge", config_hash, inputs) as (tmp, manifest):
+    with run.publishing("merge", config_hash, inputs, started=started) as (tmp, manifest):
         shutil.copytree(adapter, tmp / "adapter")
         log.info("merge: merging %s into %s weights of %s", adapter, config.merge.dtype, config.model.name)
         merge_adapter(config, runtime, adapter, tmp / "model")

@@ -304,6 +304,7 @@ def paired_tests(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -
         return _choice_correct(parse_choice(r["answer"], options=r.get("options")), r)
 
     binary("format", [(_well_formed(b), _well_formed(a)) for b, a in pairs])
+    binary("think closed", [(bool(b["think_closed"]), bool(a["think_closed"])) for b, a in pairs])
     for source in sorted({b["source"] for b, _ in pairs if b["source"].startswith("mcq:")}):
         binary(f"MCQ {source[len('mcq:'):]} correct", [(right(b), right(a)) for b, a in pairs if b["source"] == source])
     scored = [(b, a) for b, a in pairs if b.get("reference") is not None]

@@ -1,5 +1,5 @@
 """Progress of long loops, for a person watching a paid machine: a bar on a terminal, and where the output goes to a
-file or a container log (where a redrawn bar is unreadable or silent), a log line every `every` seconds."""
+file or a container log (where a redrawn bar is unreadable or silent), a log line every LOG_EVERY_S seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from tqdm.auto import tqdm
 
 log = logging.getLogger("medcot.progress")
+# Seconds between two log lines where there is no terminal.
+LOG_EVERY_S = 10.0
 
 
 def duration(seconds: float) -> str:
@@ -21,14 +23,17 @@ class Progress:
     """`total` units of work (decoding steps, rows...); `update(n, note)` after each piece, `close()` at the end.
     The line shows done/total, the rate, the time left at that rate, and the caller's note (tokens/s, say)."""
 
-    def __init__(self, desc: str, total: int, unit: str, every: float = 10.0) -> None:
-        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+    def __init__(self, desc: str, total: int, unit: str, every: float | None = None) -> None:
+        self.desc, self.total, self.unit = desc, total, unit
+        self.every = LOG_EVERY_S if every is None else every
         self.done = 0
         self.note = ""
         self.t0 = self.last = time.monotonic()
         self.bar = tqdm(total=total, desc=desc, unit=unit, mininterval=1.0) if sys.stderr.isatty() else None
 
     def update(self, n: int = 1, note: str = "") -> None:
+        if n <= 0:
+            return
         self.done += n
         self.note = note or self.note
         if self.bar is not None:

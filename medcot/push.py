@@ -586,6 +586,7 @@ def push(config: RunConfig, run_dir: Path | str, token: str | None, *, dry_run: 
 def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bool = False,
                endpoint: str | None = None) -> int:
     """The push job: a dry run writes `<run>/push-dry-run/`; a real push publishes the `push/` stage."""
+    started = time.monotonic()
     run = RunDir(config.run_dir)
     if dry_run:
         _, inputs = _sources(config, run)
@@ -595,7 +596,7 @@ def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bo
             log.info("push: the dry run in %s is of this config and these stages; nothing to do", run.stage(DRY_RUN_DIR))
             return 0
         # Published like a stage (written aside, renamed into place), so a killed dry run leaves no half plan.
-        with run.publishing(DRY_RUN_DIR, config_hash, inputs) as (tmp, _):
+        with run.publishing(DRY_RUN_DIR, config_hash, inputs, started=started) as (tmp, _):
             push(config, run.root, token, dry_run=True, out_dir=tmp, endpoint=endpoint)
         log.info("push: dry run, nothing uploaded; plan and card in %s", run.stage(DRY_RUN_DIR))
         return 0
@@ -606,7 +607,7 @@ def push_stage(config: RunConfig, token: str | None, *, dry_run: bool, force: bo
         log.info("push: %s was already pushed from this run with this config; nothing to do (delete the push folder to push again)",
                  config.push.repo_id)
         return 0
-    with run.publishing("push", config_hash, inputs) as (tmp, manifest):
+    with run.publishing("push", config_hash, inputs, started=started) as (tmp, manifest):
         result = push(config, run.root, token, dry_run=False, out_dir=tmp, endpoint=endpoint)
         manifest.extra = {"repo_id": result["repo_id"], "url": result["url"], "revision": result["revision"]}
     return 0

@@ -278,8 +278,9 @@ def report_if_ready(config: RunConfig) -> Path | None:
         log.info("report: waiting for %s; run %s", " and ".join(missing), " and ".join(PRODUCER[s] for s in missing))
         return None
     md, page = write_report(rd.root)
-    before, after = (json.loads((rd.stage(s) / "summary.json").read_text(encoding="utf-8")) for s in ("eval-before", "eval-after"))
-    log.info("before/after:\n%s", format_table(compare(before, after)))
+    (before, rows_before), (after, rows_after) = (_read_eval(rd, s) for s in ("eval-before", "eval-after"))
+    tests = paired_test_lines(paired_tests(_paired(rows_before, rows_after)))
+    log.info("before/after:\n%s\n%s", format_table(compare(before, after)), "\n".join(tests))
     log.info("report: %s (markdown: %s)", page, md)
     from medcot.tracking import configure_wandb, log_comparison
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +138,21 @@ class RunDir:
         return False
 
     @contextlib.contextmanager
-    def publishing(self, name: str, config_hash: str, inputs: dict[str, str] | None = None) -> Iterator[tuple[Path, Manifest]]:
+    def publishing(self, name: str, config_hash: str, inputs: dict[str, str] | None = None,
+                   started: float | None = None) -> Iterator[tuple[Path, Manifest]]:
         """Yield a fresh staging folder and its manifest; on clean exit publish it as `<root>/<name>` atomically.
 
-        On an exception the staging folder is removed and any earlier published result stays as it was.
+        `started`: the `time.monotonic()` at which the stage's work began (model loading, training...), so that the
+        manifest's duration is the stage's, not only the writing's. On an exception the staging folder is removed
+        and any earlier published result stays as it was.
         """
         staging_root = self.root / ".staging"
         staging_root.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers(name)
         tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        t0 = time.monotonic() if started is None else started
         manifest = Manifest(stage=name, config_hash=config_hash, inputs=dict(inputs or {}),
-                            started_at=_now(), versions=versions())
-        t0 = time.monotonic()
+                            started_at=_now(time.monotonic() - t0), versions=versions())
         try:
             yield tmp, manifest
             manifest.finished_at = _now()
@@ -186,8 +189,8 @@ class RunDir:
 
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def _now(seconds_ago: float = 0.0) -> str:
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).isoformat(timespec="seconds")
 
 
 def _fsync_dir(path: Path) -> None:

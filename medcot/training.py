@@ -322,6 +322,7 @@ def data_inputs(config: RunConfig) -> dict[str, str]:
 
 def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
     """The train job: prepare data, load model + LoRA, train with resume, publish `train/` atomically."""
+    started = time.monotonic()
     from medcot.config import save_config
     from medcot.data import prepare
     from medcot.modeling import (
@@ -397,7 +398,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     summary.update(model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict(),
                    world_size=dist.num_processes)
     if dist.is_main_process:
-        with run.publishing("train", config_hash, inputs) as (tmp, manifest):
+        with run.publishing("train", config_hash, inputs, started=started) as (tmp, manifest):
             save_adapter(trainer.model, tokenizer, tmp / "adapter")
             write_json(tmp / "summary.json", summary)
             save_config(config, tmp / "config.yaml")

@@ -55,6 +55,18 @@ def test_committed_h100_results_render_the_verdicts_in_benchmarks_md():
     assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 2,782.5 |" in table
     assert "| transformers-16bit-static-sdpa | 32 | 1200 | 1,157.1 |" in table
     assert "| eval, best >= 3x transformers 4-bit at each batch | 6.9x (batch 1), 9.4x (batch 8), 7.8x (batch 32) | **pass** |" in table
+
+
+SESSION4 = ("2026-12-01-h200-locked.json", "2026-12-01-h200-locked-train-a.json")
+
+
+def test_committed_h200_results_with_the_lock_are_benchmarks_md_and_name_every_difference_from_the_lock():
+    table = bench.render(committed(*SESSION4))
+    assert "| 2x4 | auto: none | 139.8 s |" in table and "| unsloth, padded batches | none | 2x2048 | 4 | 13,905 |" in table
+    assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table
+    differences = next(line for line in table.splitlines() if line.startswith("- installed versus the image's lock"))
+    assert "numpy 2.5.2 (lock 2.5.5)" in differences and "diffusers missing (lock 0.42.1)" in differences
+    assert "torch" not in differences and "peft" not in differences and "unsloth" not in differences
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
 
 

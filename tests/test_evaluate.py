@@ -153,3 +153,38 @@ def test_cpu_evaluation_plan_keeps_the_model_settings_and_the_summary_names_the_
     assert model_config == evaluated.model and weights == "16bit"
     summary = json.loads((evaluated.run_dir / "eval-before" / "summary.json").read_text())
     assert summary["weights"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
+
+
+def test_generation_logs_each_decoding_step_with_rate_and_time_left_into_a_log_file(tiny_config, caplog, monkeypatch):
+    """Where stderr is not a terminal (make demo > log, a container log) progress is log lines, not a silent bar;
+    a batch of long answers shows its steps as they decode, not only when the batch ends."""
+    import logging
+
+    import medcot.progress
+
+    monkeypatch.setattr(medcot.progress, "LOG_EVERY_S", 0.0)  # a line for every update
+    config = load_config(None, tiny_config())
+    model, tok = load_with_adapter(config, select_backend(config.model), None)
+    with caplog.at_level(logging.INFO, logger="medcot.progress"):
+        generate(model, tok, [inference_prompt(f"question {i}?") for i in range(3)], max_new_tokens=6, batch_size=2,
+                 desc="eval-test")
+    lines = [r.getMessage() for r in caplog.records if r.name == "medcot.progress"]
+    # Two batches of at most 6 steps: a line per step but the last, the batch ends' rest included.
+    assert [line.split(" steps")[0].rsplit(" ", 1)[1] for line in lines] == [f"{n}/12" for n in range(1, 12)]
+    assert all(line.startswith("eval-test (3 answers, batch 2): ") for line in lines)
+    assert "tokens/s" in lines[0] and "left" in lines[0] and "steps/s" in lines[0]
+
+
+def test_heldout_loss_logs_its_progress_by_rows(tiny_config, caplog, monkeypatch):
+    import logging
+
+    import medcot.progress
+
+    monkeypatch.setattr(medcot.progress, "LOG_EVERY_S", 0.0)
+    config = load_config(None, tiny_config())
+    model, tok = load_with_adapter(config, select_backend(config.model), None)
+    rows = prepare(config.data, tok, config.model.max_seq_length).heldout[:3]
+    with caplog.at_level(logging.INFO, logger="medcot.progress"):
+        heldout_token_losses(model, tok, rows, batch_size=2)
+    assert [r.getMessage().split(" rows (")[0] for r in caplog.records if r.name == "medcot.progress"] == [
+        "held-out loss (3 rows, batch 2): 2/3"]
