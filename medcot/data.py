@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medcot.config import ColumnsConfig, DataConfig
+from medcot.config import ColumnsConfig, DataConfig, RunConfig
 from medcot.prompts import TEMPLATE_MARKERS, THINK_CLOSE, THINK_OPEN, split_training_text
+from medcot.rundir import hash_tree
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +295,9 @@ def tokenize_example(ex: Example, tokenizer) -> dict[str, list[int]]:
     while n_prompt < len(prompt_ids) and prompt_ids[n_prompt] == ids[n_prompt]:
         n_prompt += 1
     return {"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)}
+
+
+def data_inputs(config: RunConfig) -> dict[str, str]:
+    """Content hash of a local data file, so an edited file is not mistaken for the one trained or evaluated on."""
+    path = Path(config.data.path)
+    return {"data": hash_tree(path)} if path.is_file() else {}

@@ -20,7 +20,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from medcot.config import McqSourceConfig, RunConfig
-from medcot.data import DataError, Example, prepare, read_rows, tokenize_example
+from medcot.data import DataError, Example, data_inputs, prepare, read_rows, tokenize_example
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
 from medcot.progress import Progress
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
@@ -185,8 +185,12 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
             mask[r, :n] = 1
             target[r, :n] = torch.tensor(e["completion_mask"], dtype=torch.bool)
         ids, mask, target = ids.to(device), mask.to(device), target.to(device)
-        nll = split_on_oom(partial(_token_nll, model), {"input_ids": ids, "attention_mask": mask}, pad_value=0.0, state=split)
-        scored = target[:, 1:]
+        # Logits only from the position before the batch's first scored token: the prompts' logits (about 40% of
+        # the positions here, each a row of the vocabulary) are never read.
+        keep = min(width - int(target.float().argmax(dim=1).min()) + 1, width)
+        nll = split_on_oom(partial(_token_nll, model, keep=keep), {"input_ids": ids, "attention_mask": mask},
+                           pad_value=0.0, state=split)
+        scored = target[:, width - keep + 1:]
         for r in range(len(encoded)):
             losses.append((float(nll[r][scored[r]].sum()), int(scored[r].sum())))
         progress.update(len(encoded))
@@ -194,10 +198,11 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
     return losses
 
 
-def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per-position NLL of each next token, [rows, width - 1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """NLL of each of the last `keep - 1` tokens given what precedes it, [rows, keep - 1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    logits = logits[:, -keep:].float()  # a forward that ignores logits_to_keep returns every position
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1 - keep:], reduction="none")
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -210,7 +215,6 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     started = time.monotonic()
     from medcot.config import save_config
     from medcot.metrics import summarize
-    from medcot.training import data_inputs
 
     run = RunDir(config.run_dir)
     name = stage_name(which)

@@ -25,7 +25,7 @@ from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from medcot.config import RunConfig
-from medcot.data import Example, tokenize_example
+from medcot.data import Example, data_inputs, tokenize_example
 from medcot.modeling import Runtime
 from medcot.progress import duration
 from medcot.resources import resource_errors
@@ -310,14 +310,6 @@ def save_adapter(model, tokenizer, folder: Path) -> None:
 # ---- the train stage -------------------------------------------------------------------------------
 
 STAGE_SECTIONS = ("model", "data", "lora", "training")
-
-
-def data_inputs(config: RunConfig) -> dict[str, str]:
-    """Content hash of a local data file, so an edited file is not mistaken for the one trained on."""
-    from medcot.rundir import hash_tree
-
-    path = Path(config.data.path)
-    return {"data": hash_tree(path)} if path.is_file() else {}
 
 
 def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
