@@ -146,6 +146,11 @@ class McqSourceConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(1200, gt=0, description="Generation budget per answer.")
     batch_size: int = Field(8, gt=0, description="Prompts generated together (left padding).")
+    loss_batch_size: int | None = Field(
+        None, gt=0, description="Rows per forward pass of the held-out loss; null = eval.batch_size. A decoding step "
+        "costs little more for many rows, but the loss pass computes every position of every row: on a CPU, 8 rows "
+        "at a time ran 1.9x faster than 32.",
+    )
     weights: Literal["auto", "4bit", "16bit"] = Field(
         "auto",
         description="Model evaluated on a GPU: 16bit = full-precision base with the adapter merged (what the merge "

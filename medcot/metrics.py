@@ -298,7 +298,7 @@ def paired_tests(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]) -
         only_b = sum(b and not a for b, a in outcomes)
         only_a = sum(a and not b for b, a in outcomes)
         tests.append({"metric": name, "test": "McNemar exact", "n": len(outcomes), "improved": only_a,
-                      "worsened": only_b, "p_value": _r(mcnemar_exact_p(only_b, only_a))})
+                      "worsened": only_b, "p_value": float(f"{mcnemar_exact_p(only_b, only_a):.3g}")})
 
     def right(r: Mapping[str, Any]) -> bool:
         return _choice_correct(parse_choice(r["answer"], options=r.get("options")), r)

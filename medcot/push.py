@@ -31,7 +31,7 @@ from huggingface_hub.hf_api import RepoFile
 from medcot.config import RunConfig
 from medcot.metrics import compare, format_table
 from medcot.prompts import INFERENCE_TEMPLATE
-from medcot.rundir import Manifest, RunDir, versions
+from medcot.rundir import DRY_RUN_DIR, Manifest, RunDir, versions
 from medcot.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ CARD_FILE = "README.md"
 OWNER_FILE = "medcot.json"  # its presence marks a repo that medcot made (see `_check_repo`)
 PLAN_FILE = "push-plan.json"
 RESULT_FILE = "push-result.json"
-DRY_RUN_DIR = "push-dry-run"
 CARD_MARKER = "<!-- medcot:model-card -->"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 # Files of a stage folder that are not part of the model: our own card replaces peft's template README.

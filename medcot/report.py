@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medcot.metrics import TABLE_HEADER, compare, format_table, paired_test_lines, paired_tests, table_cells
-from medcot.rundir import PRODUCER, STAGES, RunDir, StageError
+from medcot.rundir import DRY_RUN_DIR, PRODUCER, STAGES, RunDir, StageError
 
 if TYPE_CHECKING:
     from medcot.config import RunConfig
@@ -325,8 +325,8 @@ def log_to_wandb(run: Any, before: Mapping[str, Any], after: Mapping[str, Any],
 def stage_times(run_dir: Path) -> str:
     """One line per published stage with its wall time, from the manifests."""
     rd = RunDir(run_dir)
-    lines = ["stage times:"]
-    for stage in STAGES:
+    lines = ["stage times (from each stage's start, after its job's imports):"]
+    for stage in (*STAGES, DRY_RUN_DIR):
         manifest = rd.manifest(stage)
         if manifest:
             lines.append(f"  {stage:<12} {manifest.duration_s:8.1f} s   finished {manifest.finished_at}")

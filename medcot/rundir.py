@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGES = ("eval-before", "train", "eval-after", "merge", "push")
+# The push job's --dry-run publishes its plan and model card here, like a stage.
+DRY_RUN_DIR = "push-dry-run"
 # What to run to produce each stage, for messages.
 PRODUCER = {
     "eval-before": "the evaluate job with --stage before (make evaluate STAGE=before)",

@@ -325,3 +325,15 @@ def test_paired_bootstrap_of_a_constant_difference_has_no_width():
     # Question difficulty cancels: wildly different questions, the same gain each, a tight paired interval.
     mean, (lo, hi) = paired_bootstrap_diff([0.0, 0.9, 0.2, 0.6], [0.1, 1.0, 0.3, 0.7])
     assert lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def test_paired_tests_report_small_p_values_in_significant_digits_and_test_the_think_block():
+    from medcot.metrics import paired_test_lines, paired_tests
+
+    unclosed = {"source": "heldout", "think_closed": False, "answer": "", "reference": "ref"}
+    closed = {"source": "heldout", "think_closed": True, "answer": "an answer", "reference": "ref"}
+    tests = {t["metric"]: t for t in paired_tests([(unclosed, closed)] * 20)}
+    # 20 of 20 improved: p = 2 * 0.5**20, which four decimals would print as 0.
+    assert tests["think closed"]["p_value"] == pytest.approx(1.91e-06) == tests["format"]["p_value"]
+    assert "Paired, think closed: 20 of 20 questions improved, 0 worsened; exact McNemar p = 1.91e-06." in \
+        paired_test_lines(list(tests.values()))
