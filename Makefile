@@ -81,8 +81,8 @@ lock-check: setup  ## fail if `make lock` would change the lock (needs the packa
 demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, then the before/after table
 	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage before $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/train.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
-	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage after $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/merge.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage after $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/push.py --config $(DEMO_CONFIG) --dry-run $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/report.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 

@@ -1,7 +1,7 @@
 """Evaluate the model before or after training on held-out, showcase and multiple-choice questions.
 
     python jobs/evaluate.py --config configs/demo.yaml --stage before
-    python jobs/evaluate.py --config configs/demo.yaml --stage after     # base + trained adapter
+    python jobs/evaluate.py --config configs/demo.yaml --stage after     # the merge job's folder
 
 Writes <run dir>/eval-<stage>/ (generations.jsonl, summary.json); once both stages exist, also the
 before/after report (<run dir>/report/report.html).
@@ -16,17 +16,20 @@ from medcot.cli import parse_job_args, register_user_error, run_job  # noqa: E40
 
 
 def add_stage(parser) -> None:
-    parser.add_argument("--stage", choices=("before", "after"), required=True, help="base model, or base + trained adapter")
+    parser.add_argument("--stage", choices=("before", "after"), required=True,
+                        help="the base model, or the merged model (base + trained adapter, after the merge job)")
 
 
 def main() -> int:
     config, args = parse_job_args("evaluate", __doc__, extra=add_stage)
     from medcot.data import DataError
+    from medcot.merge import merged_model_config
     from medcot.modeling import BackendError, plan_eval_model, select_backend
     from medcot.rundir import StageError
 
     register_user_error(DataError, BackendError, StageError)
-    model_config, _ = plan_eval_model(config)  # eval.weights: 4-bit or 16-bit, by the GPU's free memory
+    evaluated = merged_model_config(config) if args.stage == "after" else config
+    model_config, _ = plan_eval_model(evaluated)  # eval.weights: 4-bit or 16-bit, by the GPU's free memory
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers loads
     from medcot.evaluate import evaluate_stage
     from medcot.report import report_if_ready

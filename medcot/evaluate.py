@@ -1,8 +1,9 @@
 """The evaluate job: answer held-out, showcase and multiple-choice questions with the inference prompt,
 score the answers, and measure the held-out loss of the reference reasoning (teacher-forced).
 
-`before` evaluates the base model, `after` the base plus the trained adapter; both see the same
-questions, prompts and decoding settings, so their summaries compare like with like.
+`before` evaluates the base model, `after` the merge job's folder (the base with the trained adapter folded in, the
+model that is pushed); both see the same questions, prompts and decoding settings, so their summaries compare like
+with like.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from medcot.config import McqSourceConfig, RunConfig
 from medcot.data import DataError, Example, data_inputs, prepare, read_rows, tokenize_example
+from medcot.merge import merged_model_config
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
 from medcot.progress import Progress
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
@@ -221,11 +223,10 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     run = RunDir(config.run_dir)
     name = stage_name(which)
     inputs = data_inputs(config)
-    adapter = None
+    evaluated = config
     if which == "after":
-        train = run.require("train", needed_by="evaluate --stage after")
-        inputs["train"] = train.identity()
-        adapter = run.stage("train") / "adapter"
+        inputs["merge"] = run.require("merge", needed_by="evaluate --stage after").identity()
+        evaluated = merged_model_config(config)
     config_hash = config.section_hash(*STAGE_SECTIONS)
     if run.check_done(name, config_hash, inputs, force):
         log.info("%s: already finished in %s with this config and inputs; nothing to do (delete the stage folder to redo it)", name, run.stage(name))
@@ -242,8 +243,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
 
     t0 = time.monotonic()
     with resource_errors(config, "eval", run.root):  # out of memory: says which config changes need less
-        model, tokenizer = load_with_adapter(config, runtime, adapter)
-        log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
+        model, tokenizer = load_with_adapter(evaluated, runtime, None)
+        log.info("%s: %s loaded in %.1f s", name, evaluated.model.name, time.monotonic() - t0)
 
         loss_batch = config.eval.loss_batch_size or config.eval.batch_size
         losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch) if data.heldout else None
@@ -258,7 +259,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
-                   weights="4bit" if runtime.load_in_4bit else runtime.dtype_name)
+                   model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name)
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:

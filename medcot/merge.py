@@ -43,6 +43,15 @@ def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_di
     load_tokenizer(str(adapter_dir)).save_pretrained(str(out_dir))
 
 
+def merged_model_config(config: RunConfig) -> RunConfig:
+    """The config with `model` pointing at the merge stage's folder: what the push job ships is what evaluate-after
+    loads and scores (a StageError names the merge job when the folder is not finished)."""
+    run = RunDir(config.run_dir)
+    run.require("merge", needed_by="evaluate --stage after")
+    model = config.model.model_copy(update={"name": str(run.stage("merge") / "model"), "revision": None})
+    return config.model_copy(update={"model": model})
+
+
 def merge_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
     started = time.monotonic()
     run = RunDir(config.run_dir)

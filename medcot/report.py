@@ -229,6 +229,11 @@ def _weights_lines(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
             "quantisation. Set eval.weights to one value and rerun both stages to compare like with like."]
 
 
+def _after_model(after: dict[str, Any]) -> str:
+    """What evaluate-after scored (summaries before the merged folder was evaluated carry no `model`)."""
+    return "the merged model that is pushed" if after.get("model") == "merged" else "fine-tuned"
+
+
 def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write report.md, report.html and the plots of a run; returns the paths of the two reports."""
     rd = RunDir(run_dir)
@@ -247,7 +252,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
     shown = _shown(pairs)
     title = f"medcot before/after: {rd.root.name}"
     intro = [f"Before: base model, {before['n_generated']} answers (eval-before finished "
-             f"{manifests['eval-before'].finished_at}). After: fine-tuned, {after['n_generated']} answers "
+             f"{manifests['eval-before'].finished_at}). After: {_after_model(after)}, {after['n_generated']} answers "
              f"(eval-after finished {manifests['eval-after'].finished_at})."]
     notes = ["Intervals are 95%: Wilson for rates and accuracies, percentile bootstrap for means, medians and loss. "
              "Format = closed think block and a non-empty final answer.", *_unparseable_lines(before, after),

@@ -37,8 +37,8 @@ DRY_RUN_DIR = "push-dry-run"
 PRODUCER = {
     "eval-before": "the evaluate job with --stage before (make evaluate STAGE=before)",
     "train": "the train job (make train)",
-    "eval-after": "the evaluate job with --stage after (make evaluate STAGE=after)",
     "merge": "the merge job (make merge)",
+    "eval-after": "the evaluate job with --stage after (make evaluate STAGE=after)",
     "push": "the push job (make push)",
 }
 

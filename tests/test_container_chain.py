@@ -27,7 +27,7 @@ PROJECT = "medcot-test"
 VOLUME = f"{PROJECT}_outputs"
 IMAGE = "medcot:latest"
 CANARY = "hf_containercanary" + secrets.token_hex(8)
-STAGE_JOBS = ("evaluate-before", "train", "evaluate-after", "merge", "push-dry-run")
+STAGE_JOBS = ("evaluate-before", "train", "merge", "evaluate-after", "push-dry-run")
 TRAIN_STEPS = 6
 # configs/demo.yaml shrunk to seconds a job; the same training settings in every run, so their adapters compare.
 SHRINK = (f"data.train_rows=16 data.heldout_rows=2 eval.heldout_limit=2 eval.max_new_tokens=8 eval.batch_size=2 "
@@ -167,7 +167,7 @@ def test_a_failing_job_makes_make_up_exit_non_zero_and_names_it(env, chain):
     assert failed.returncode != 0
     report = failed.stdout[failed.stdout.index("medcot chain:"):]
     assert re.search(r"train\s+FAILED \(exit 1\): docker compose .* logs train", report), report
-    for job in ("evaluate-after", "merge", "push-dry-run"):
+    for job in ("merge", "evaluate-after", "push-dry-run"):
         assert re.search(rf"{job}\s+never started", report), report
     assert "nope_proj not in" in compose(env, "logs", "--since", since, "train").stdout
 

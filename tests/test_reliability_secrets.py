@@ -61,8 +61,8 @@ def test_no_canary_token_reaches_any_file_or_log_of_a_whole_pipeline_run(tiny_mo
     pipeline = [  # each job reads its secrets from another source, so every reading path is exercised
         (["evaluate", "--stage", "before"], "env"),
         (["train"], "secrets"),
-        (["evaluate", "--stage", "after"], "dotenv"),
         (["merge"], "env"),
+        (["evaluate", "--stage", "after"], "dotenv"),
         (["push", "--dry-run"], "secrets"),
         (["report"], "dotenv"),
     ]

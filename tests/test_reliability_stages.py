@@ -99,8 +99,8 @@ def finished(tiny_model, data, tmp_path_factory):
     runtime = select_backend(config.model)
     assert evaluate_stage(config, runtime, "before") == 0
     assert train_stage(config, runtime) == 0
-    assert evaluate_stage(config, runtime, "after") == 0
     assert merge_stage(config, runtime) == 0
+    assert evaluate_stage(config, runtime, "after") == 0
     assert push_stage(config, None, dry_run=True) == 0
     assert_all_or_nothing(config.run_dir)
     return out
@@ -131,8 +131,8 @@ def runner(stage: str):
     return {
         "eval-before": lambda c, force=False: evaluate_stage(c, select_backend(c.model), "before", force),
         "train": lambda c, force=False: train_stage(c, select_backend(c.model), force),
-        "eval-after": lambda c, force=False: evaluate_stage(c, select_backend(c.model), "after", force),
         "merge": lambda c, force=False: merge_stage(c, select_backend(c.model), force),
+        "eval-after": lambda c, force=False: evaluate_stage(c, select_backend(c.model), "after", force),
         "push-dry-run": lambda c, force=False: push_stage(c, None, dry_run=True, force=force),
     }[stage]
 
@@ -242,6 +242,17 @@ CHANGES = {
 }
 
 
+def test_evaluate_after_scores_the_merged_folder_not_the_adapter(workdir):
+    run_dir = workdir.run_dir
+    rows = (run_dir / "eval-after" / "generations.jsonl").read_text()
+    shutil.rmtree(run_dir / "train" / "adapter")  # what evaluate-after loads must be what the push job ships
+
+    assert runner("eval-after")(workdir.config(), force=True) == 0
+
+    assert (run_dir / "eval-after" / "generations.jsonl").read_text() == rows
+    assert json.loads((run_dir / "eval-after" / "summary.json").read_text())["model"] == "merged"
+
+
 @pytest.mark.parametrize("stage", ["eval-before", "train", "eval-after", "merge"])
 def test_rerunning_a_finished_stage_with_the_same_config_does_nothing_and_says_so(workdir, caplog, stage):
     run_dir = workdir.run_dir
@@ -281,11 +292,11 @@ def test_a_retrained_adapter_makes_the_stages_built_on_it_refuse_until_forced(wo
     assert train_stage(workdir.config("training.learning_rate=5e-4"), select_backend(workdir.config().model), force=True) == 0
     config = workdir.config("training.learning_rate=5e-4")
 
-    for stage in ("eval-after", "merge"):
-        with pytest.raises(StageError, match=rf"'{stage}' .* different inputs \(train\); pass --force"):
+    for stage, needs in (("merge", "train"), ("eval-after", "merge")):  # the chain's order: each refuses the new input
+        with pytest.raises(StageError, match=rf"'{stage}' .* different inputs \({needs}\); pass --force"):
             runner(stage)(config)
         assert runner(stage)(config, force=True) == 0
-        assert json.loads((run_dir / stage / MANIFEST).read_text())["inputs"]["train"] == RunDir(run_dir).manifest("train").identity()
+        assert json.loads((run_dir / stage / MANIFEST).read_text())["inputs"][needs] == RunDir(run_dir).manifest(needs).identity()
 
 
 def test_an_edited_data_file_is_a_changed_input(workdir, data):
@@ -299,7 +310,7 @@ def test_an_edited_data_file_is_a_changed_input(workdir, data):
 
 
 @pytest.mark.parametrize("stage,needs,job", [
-    ("eval-after", "train", "the train job"), ("merge", "train", "the train job"),
+    ("merge", "train", "the train job"), ("eval-after", "merge", "the merge job"),
     ("push-dry-run", "merge", "the merge job"),
 ])
 def test_a_stage_refuses_an_unfinished_input_and_names_the_job_to_run(workdir, stage, needs, job):
@@ -318,11 +329,11 @@ SIGKILL_POINTS = [
     # (stage, job and its flags, where it is killed, inside the stage's write?, the stage that must then
     # refuse to start, the job it must name)
     ("train", ["train"], kill_when_called("medcot.training", "save_adapter", after=True), True, "merge", "the train job"),
-    ("train", ["train"], KILL_AT_PUBLISH, True, "eval-after", "the train job"),
+    ("train", ["train"], KILL_AT_PUBLISH, True, "merge", "the train job"),
     ("eval-before", EVAL_BEFORE, kill_when_called("medcot.evaluate", "generate"), False, None, None),
     ("eval-before", EVAL_BEFORE, kill_when_called("medcot.evaluate", "write_json"), True, None, None),
     ("eval-after", EVAL_AFTER, KILL_AT_PUBLISH, True, None, None),
-    ("merge", ["merge"], kill_when_called("medcot.merge", "merge_adapter", after=True), True, "push-dry-run", "the merge job"),
+    ("merge", ["merge"], kill_when_called("medcot.merge", "merge_adapter", after=True), True, "eval-after", "the merge job"),
     ("merge", ["merge"], KILL_AT_PUBLISH, True, "push-dry-run", "the merge job"),
     ("push-dry-run", ["push", "--dry-run"], kill_when_called("medcot.push", "_write_redacted_json", after=True), True,
      None, None),
