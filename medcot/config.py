@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from medcot.secrets import redact
 
@@ -145,11 +145,17 @@ class McqSourceConfig(_Section):
 
 class EvalConfig(_Section):
     max_new_tokens: int = Field(1200, gt=0, description="Generation budget per answer.")
-    batch_size: int = Field(8, gt=0, description="Prompts generated together (left padding).")
-    loss_batch_size: int | None = Field(
-        None, gt=0, description="Rows per forward pass of the held-out loss; null = eval.batch_size. A decoding step "
-        "costs little more for many rows, but the loss pass computes every position of every row: on a CPU, 8 rows "
-        "at a time ran 1.9x faster than 32.",
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Prompts generated together (left padding). auto: on a GPU, the most rows whose KV cache and "
+        "activations fit its free memory beside the weights, at most the number of questions, in batches of equal "
+        "size (each new batch size compiles the decoding step again); on a CPU, up to 32 (a decoding step costs "
+        "about the same for 8 rows as for 32). The evaluate job logs the choice and summary.json records it.",
+    )
+    loss_batch_size: PositiveInt | None = Field(
+        None, description="Rows per forward pass of the held-out loss; null = eval.batch_size, at most 8 when that "
+        "is auto. A decoding step costs little more for many rows, but the loss pass computes every position of "
+        "every row: on a CPU, 8 rows at a time ran 1.9x faster than 32.",
     )
     weights: Literal["auto", "4bit", "16bit"] = Field(
         "auto",

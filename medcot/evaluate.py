@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,14 @@ from transformers.generation.streamers import BaseStreamer
 from medcot.config import McqSourceConfig, RunConfig
 from medcot.data import DataError, Example, data_inputs, prepare, read_rows, tokenize_example
 from medcot.merge import merged_model_config
-from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
+from medcot.modeling import (
+    AUTO_LOSS_BATCH,
+    Runtime,
+    load_tokenizer,
+    load_with_adapter,
+    plan_eval_batch,
+    resolve_model_path,
+)
 from medcot.progress import Progress
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
 from medcot.resources import SplitState, resource_errors, split_on_oom
@@ -86,31 +94,43 @@ class _DecodeSteps(BaseStreamer):
     """Fed by `generate` with the prompts, then with each row's new token at every decoding step: moves `progress`
     one step at a time, so that a batch of long answers shows its rate and time left while it decodes."""
 
-    def __init__(self, progress: Progress, eos_ids: list[int]) -> None:
-        self.progress, self.eos = progress, torch.tensor(eos_ids)
+    def __init__(self, progress: Progress, eos_ids: list[int], rows: int) -> None:
+        self.progress, self.eos, self.rows = progress, torch.tensor(eos_ids), rows  # rows past `rows` are filler
         self.steps = self.tokens = 0
         self.finished = torch.zeros(0, dtype=torch.bool)
         self.t0 = time.monotonic()
+        self.times: list[float] = []
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:  # the prompts of a (sub-)batch: decoding starts
-            self.finished = torch.zeros(value.shape[0], dtype=torch.bool)
+            self.finished = torch.zeros(min(value.shape[0], self.rows), dtype=torch.bool)
             return
         self.tokens += int((~self.finished).sum())
-        self.finished |= torch.isin(value.view(-1), self.eos)
+        self.finished |= torch.isin(value.view(-1)[:len(self.finished)], self.eos)
         self.steps += 1
-        rate = self.tokens / max(time.monotonic() - self.t0, 1e-9)
+        self.times.append(time.monotonic())
+        rate = self.tokens / max(self.times[-1] - self.t0, 1e-9)
         self.progress.update(1, f"{int(self.finished.sum())}/{len(self.finished)} answers ended, {rate:.0f} tokens/s")
 
     def end(self) -> None:
         pass
 
+    def warmup_seconds(self, first: int = 3) -> float:
+        """How much longer the prefill and the first decoding steps took than steady steps: the compilation (and
+        CUDA-graph capture) that a static KV cache pays for each new batch shape, or ~0 where nothing compiles."""
+        if len(self.times) <= 2 * first:
+            return 0.0
+        gaps = sorted(b - a for a, b in pairwise(self.times[first:]))
+        return max(self.times[first - 1] - self.t0 - first * gaps[len(gaps) // 2], 0.0)
+
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
-             temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate") -> tuple[list[dict], float]:
+             temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate",
+             stats: dict[str, float] | None = None) -> tuple[list[dict], float]:
     """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
-    similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
+    similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent;
+    `stats`, when given, receives `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches).
     """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -124,9 +144,14 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     # In decoding steps: each batch takes at most max_new_tokens; one that ends early skips the rest of its share.
     progress = Progress(f"{desc} ({len(prompts)} answers, batch {batch_size})", len(batches) * max_new_tokens, "steps")
+    # A static KV cache compiles the decoding step for each batch size: a short last batch is filled up with copies
+    # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
+    same_shape = len(batches) > 1 and getattr(model.generation_config, "cache_implementation", None) == "static"
+    warmup = 0.0
     for idx in batches:
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-        steps = _DecodeSteps(progress, eos_ids)
+        texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        steps = _DecodeSteps(progress, eos_ids, len(idx))
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
                                   "eos_token_id": eos_ids, "streamer": steps}
         if do_sample:
@@ -138,6 +163,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         progress.update(max(max_new_tokens - steps.steps, 0))
+        warmup += steps.warmup_seconds()
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
@@ -154,6 +180,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                 "hit_token_limit": not stopped and n >= max_new_tokens,
             }
     progress.close()
+    if stats is not None:
+        stats["warmup_s"] = round(warmup, 2)
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
@@ -244,22 +272,29 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     t0 = time.monotonic()
     with resource_errors(config, "eval", run.root):  # out of memory: says which config changes need less
         model, tokenizer = load_with_adapter(evaluated, runtime, None)
-        log.info("%s: %s loaded in %.1f s", name, evaluated.model.name, time.monotonic() - t0)
+        load_s = time.monotonic() - t0
+        log.info("%s: %s loaded in %.1f s", name, evaluated.model.name, load_s)
+        prompts = [inference_prompt(i.question) for i in items]
+        batch, batch_why = _plan_batch(config, model, tokenizer, prompts)
+        log.info("%s: eval.batch_size %s -> %d (%s)", name, config.eval.batch_size, batch, batch_why)
 
-        loss_batch = config.eval.loss_batch_size or config.eval.batch_size
+        loss_batch = config.eval.loss_batch_size or (min(batch, AUTO_LOSS_BATCH) if config.eval.batch_size == "auto" else batch)
         losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch) if data.heldout else None
         if losses:
             total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
             log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
 
+        stats: dict[str, float] = {}
         outputs, seconds = generate(
-            model, tokenizer, [inference_prompt(i.question) for i in items], max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size, do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name,
+            model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=batch,
+            do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name, stats=stats,
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
-                   model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name)
+                   model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name,
+                   batch_size=batch, batch_size_why=batch_why, loss_batch_size=loss_batch, load_seconds=round(load_s, 2),
+                   decode_warmup_seconds=stats["warmup_s"])
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
@@ -270,6 +305,16 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     log.info("%s: %d answers in %.0f s (%.0f generated tokens/s); results in %s", name, len(rows), seconds,
              summary.get("generated_tokens_per_s") or 0, run.stage(name))
     return 0
+
+
+def _plan_batch(config: RunConfig, model, tokenizer, prompts: list[str]) -> tuple[int, str]:
+    """eval.batch_size resolved for this model, on this device, for these prompts (see plan_eval_batch)."""
+    device = next(model.parameters()).device
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"])
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
+    return plan_eval_batch(config, model.config.to_dict(), questions=len(prompts), prompt_tokens=longest,
+                           dtype_bytes=dtype_bytes, free_bytes=free)
 
 
 def _row(item: EvalItem, out: dict, tokenizer) -> dict[str, Any]:

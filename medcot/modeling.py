@@ -305,13 +305,46 @@ def eval_memory_bytes_16bit(config: RunConfig) -> int | None:
     if model_config.get("quantization_config"):
         return None  # a pre-quantized checkpoint has no 16-bit weights to load
     text = model_config.get("text_config", model_config)
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    per_token = 2 * text["num_hidden_layers"] * text.get("num_key_value_heads", heads) * head_dim * 2
-    tokens = config.eval.batch_size * (PROMPT_TOKENS_BUDGET + config.eval.max_new_tokens)
-    logits = config.eval.batch_size * text["vocab_size"] * 4 * 4  # last-position logits in fp32, a few copies
-    weights = params * 2
-    return math.ceil(weights * 1.05) + per_token * tokens + logits + EVAL_MARGIN_BYTES
+    rows = config.eval.batch_size if isinstance(config.eval.batch_size, int) else AUTO_BATCH_FLOOR
+    per_row = eval_row_bytes(text, PROMPT_TOKENS_BUDGET, config.eval.max_new_tokens, 2)
+    return math.ceil(params * 2 * 1.05) + rows * per_row + EVAL_MARGIN_BYTES
+
+
+AUTO_BATCH_FLOOR = 8  # rows that 16-bit weights must leave room for, when eval.batch_size is auto
+CPU_AUTO_BATCH = 32  # a CPU decoding step of 32 rows cost about what one of 8 did (configs/demo.yaml)
+AUTO_LOSS_BATCH = 8  # held-out loss rows per forward when eval.batch_size is auto
+
+
+def eval_row_bytes(text_config: dict[str, Any], prompt_tokens: int, new_tokens: int, dtype_bytes: int) -> int:
+    """GPU memory one generated row holds: its KV cache over prompt and answer, one layer's prefill activations
+    (inference frees each layer's before the next), and last-position logits in fp32 (a few copies)."""
+    heads = text_config["num_attention_heads"]
+    head_dim = text_config.get("head_dim") or text_config["hidden_size"] // heads
+    kv_per_token = 2 * text_config["num_hidden_layers"] * text_config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
+    hidden, intermediate = text_config["hidden_size"], text_config.get("intermediate_size", 4 * text_config["hidden_size"])
+    prefill = prompt_tokens * dtype_bytes * (6 * hidden + 3 * intermediate)
+    return kv_per_token * (prompt_tokens + new_tokens) + prefill + text_config["vocab_size"] * 4 * 4
+
+
+def plan_eval_batch(config: RunConfig, model_config: dict[str, Any], *, questions: int, prompt_tokens: int,
+                    dtype_bytes: int, free_bytes: int | None) -> tuple[int, str]:
+    """(rows generated together, why); see EvalConfig.batch_size. `free_bytes`: the GPU's free memory with the model
+    loaded, None on a CPU. Batches come out equal in size, so the decoding step compiles for one shape."""
+    chosen = config.eval.batch_size
+    if chosen != "auto":
+        return chosen, "set in the config"
+    if free_bytes is None:
+        fit, why = CPU_AUTO_BATCH, f"CPU: up to {CPU_AUTO_BATCH} rows"
+    else:
+        per_row = eval_row_bytes(model_config.get("text_config", model_config), prompt_tokens,
+                                 config.eval.max_new_tokens, dtype_bytes)
+        usable = free_bytes * 0.9 - EVAL_MARGIN_BYTES
+        fit = max(int(usable // per_row), 1)
+        why = (f"a row's KV cache ({prompt_tokens}+{config.eval.max_new_tokens} tokens) and activations need "
+               f"{per_row / 2**20:.0f} MiB; {free_bytes / 2**30:.1f} GiB free: room for {fit} rows")
+    batches = math.ceil(questions / fit)
+    batch = math.ceil(questions / batches)
+    return batch, f"{why}; {questions} questions in {batches} batch{'es' if batches > 1 else ''} of {batch}"
 
 
 # ---- gradient checkpointing for the train job ------------------------------------------------------

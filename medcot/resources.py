@@ -97,7 +97,9 @@ def memory_fixes(config: RunConfig, stage: str) -> list[tuple[str, str]]:
             fixes.append(("lora.use_gradient_checkpointing=unsloth",
                           "recompute activations in the backward pass (offloaded to CPU memory on Unsloth)"))
     else:
-        if config.eval.batch_size > 1:
+        if config.eval.batch_size == "auto":
+            fixes.append(("eval.batch_size=8", "a fixed batch instead of one sized to the free memory"))
+        elif config.eval.batch_size > 1:
             fixes.append((f"eval.batch_size={config.eval.batch_size // 2}", "fewer prompts generated together"))
         if config.eval.max_new_tokens > 64:
             fixes.append((f"eval.max_new_tokens={config.eval.max_new_tokens // 2}",

@@ -112,8 +112,10 @@ def test_16bit_evaluation_memory_is_weights_plus_kv_cache_of_a_full_batch(tiny_c
     large = load_config(None, tiny_config("eval.batch_size=4", "eval.max_new_tokens=100"))
     cfg = json.loads((tiny_model / "config.json").read_text())
     kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
-    # One more row of KV cache (prompt budget + new tokens) and of last-position logits per extra row.
-    per_row = kv_per_token * (PROMPT_TOKENS_BUDGET + 100) + cfg["vocab_size"] * 16
+    # One more row of KV cache (prompt budget + new tokens), one layer's prefill activations and last-position
+    # logits per extra row.
+    prefill = PROMPT_TOKENS_BUDGET * 2 * (6 * cfg["hidden_size"] + 3 * cfg["intermediate_size"])
+    per_row = kv_per_token * (PROMPT_TOKENS_BUDGET + 100) + prefill + cfg["vocab_size"] * 16
     assert eval_memory_bytes_16bit(large) - eval_memory_bytes_16bit(small) == 3 * per_row
     assert eval_memory_bytes_16bit(small) >= parameter_count(str(tiny_model)) * 2 + EVAL_MARGIN_BYTES
 
@@ -188,3 +190,55 @@ def test_heldout_loss_logs_its_progress_by_rows(tiny_config, caplog, monkeypatch
         heldout_token_losses(model, tok, rows, batch_size=2)
     assert [r.getMessage().split(" rows (")[0] for r in caplog.records if r.name == "medcot.progress"] == [
         "held-out loss (3 rows, batch 2): 2/3"]
+
+
+R1_DISTILL_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "vocab_size": 128256}
+
+
+def test_eval_batch_auto_takes_the_rows_the_free_gpu_memory_holds_in_equal_batches(tiny_config):
+    from medcot.modeling import EVAL_MARGIN_BYTES, eval_row_bytes, plan_eval_batch
+
+    config = load_config(None, tiny_config("eval.batch_size=auto", "eval.max_new_tokens=1200"))
+    per_row = eval_row_bytes(R1_DISTILL_8B, 300, 1200, 2)
+    # 128 KiB of bf16 keys and values per token over 1,500 tokens, 40 MB of one layer's prefill, fp32 logits.
+    assert per_row == 131072 * 1500 + 300 * 2 * (6 * 4096 + 3 * 14336) + 128256 * 16
+    plan = lambda free: plan_eval_batch(config, R1_DISTILL_8B, questions=100, prompt_tokens=300, dtype_bytes=2,  # noqa: E731
+                                        free_bytes=free)
+    assert plan(60 * 2**30)[0] == 100  # an H100 beside 16 GB of weights: every question in one batch
+    room = int((20 * 2**30 * 0.9 - EVAL_MARGIN_BYTES) // per_row)
+    batch, why = plan(20 * 2**30)
+    assert room == 71 and batch == 50  # two batches of 50, not 71 + 29: one compiled shape
+    assert "room for 71 rows" in why and "100 questions in 2 batches of 50" in why
+    assert plan(2**30)[0] == 1  # less than the margin: one row at a time, and out-of-memory splits from there
+
+
+def test_eval_batch_auto_on_a_cpu_takes_up_to_32_rows_and_a_set_value_is_kept(tiny_config):
+    from medcot.modeling import plan_eval_batch
+
+    auto = load_config(None, tiny_config("eval.batch_size=auto"))
+    assert plan_eval_batch(auto, R1_DISTILL_8B, questions=29, prompt_tokens=200, dtype_bytes=2, free_bytes=None) == (
+        29, "CPU: up to 32 rows; 29 questions in 1 batch of 29")
+    assert plan_eval_batch(auto, R1_DISTILL_8B, questions=40, prompt_tokens=200, dtype_bytes=2, free_bytes=None)[0] == 20
+    fixed = load_config(None, tiny_config("eval.batch_size=6"))
+    assert plan_eval_batch(fixed, R1_DISTILL_8B, questions=40, prompt_tokens=200, dtype_bytes=2, free_bytes=1) == (
+        6, "set in the config")
+
+
+def test_the_summary_records_the_batch_the_evaluate_job_chose_and_why(tiny_config):
+    config = load_config(None, tiny_config("eval.batch_size=auto", f"eval.mcq=[{{path: {MCQ_SAMPLE}, limit: 3}}]"))
+    assert evaluate_stage(config, select_backend(config.model), "before") == 0
+    summary = json.loads((config.run_dir / "eval-before" / "summary.json").read_text())
+    assert summary["batch_size"] == 8 and summary["batch_size_why"] == "CPU: up to 32 rows; 8 questions in 1 batch of 8"
+    assert summary["loss_batch_size"] == 8 and summary["decode_warmup_seconds"] >= 0
+
+
+def test_a_static_cache_fills_the_short_last_batch_and_answers_as_without_it(tiny_config):
+    config = load_config(None, tiny_config())
+    model, tok = load_with_adapter(config, select_backend(config.model), None)
+    prompts = [inference_prompt(f"question number {i}?" * (i + 1)) for i in range(5)]
+    dynamic, _ = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    model.generation_config.cache_implementation = "static"
+    static, _ = generate(model, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert [o["text"] for o in static] == [o["text"] for o in dynamic]
+    assert [o["prompt_tokens"] for o in static] == [o["prompt_tokens"] for o in dynamic]
