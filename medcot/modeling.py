@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medcot.compilecache import use_compile_cache
 from medcot.config import LoraConfig, ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,11 @@ def resolve_model_path(name: str) -> str:
 def select_backend(cfg: ModelConfig) -> Runtime:
     """Decide backend, device, dtype and quantisation; import Unsloth first when it is chosen."""
     cuda = _cuda_available()
+    if cuda:
+        import torch
+
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_compile_cache(torch.cuda.get_device_name(rank), torch.cuda.get_device_capability(rank), torch.version.cuda)
     backend = cfg.backend
     if backend in ("auto", "unsloth"):
         reason = None

@@ -149,6 +149,9 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
                             "has_lora": any("lora" in n for n, _ in model.named_parameters()),
                             "tokens": [o["generated_tokens"] for o in outputs],
                             "worst_margin": float((chosen_logits.max(-1).values - chosen).max())}
+    result["compile_cache"] = {variable: sum(1 for f in Path(os.environ[variable]).rglob("*") if f.is_file())
+                               for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    result["compile_cache_folder"] = str(Path(os.environ["TRITON_CACHE_DIR"]).parent)
     return result
 
 
@@ -161,8 +164,11 @@ def small_llama(tmp_path_factory) -> Path:
 def pipeline(request, small_llama, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp(f"gpu-{request.param}")
     result = work / "result.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MEDCOT_COMPILE_CACHE": str(work / "compile")}
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "UNSLOTH_COMPILE_LOCATION"):
+        env.pop(variable, None)
     proc = subprocess.run([sys.executable, __file__, request.param, str(small_llama), str(work), str(result)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, f"{request.param} pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
     return {**json.loads(result.read_text()), "base": small_llama}
 
@@ -170,6 +176,12 @@ def pipeline(request, small_llama, tmp_path_factory) -> dict:
 def test_backend_is_the_one_asked_for_and_base_is_4bit(pipeline):
     assert pipeline["summary"]["backend"] == pipeline["backend"]
     assert pipeline["summary"]["load_in_4bit"] is True and pipeline["summary"]["device"] == "cuda"
+
+
+def test_compiled_kernels_are_kept_in_a_folder_named_for_this_gpu(pipeline):
+    folder = Path(pipeline["compile_cache_folder"])
+    assert folder.name.startswith(torch.cuda.get_device_name(0).replace(" ", "_"))
+    assert pipeline["compile_cache"]["TORCHINDUCTOR_CACHE_DIR"] > 0 and pipeline["compile_cache"]["TRITON_CACHE_DIR"] > 0
 
 
 def test_training_loss_is_finite_and_decreases(pipeline):
