@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +105,31 @@ class GracefulStop(TrainerCallback):
 
 
 class ProgressLog(TrainerCallback):
-    """One line per logging step: loss, learning rate, tokens/s, memory, ETA."""
+    """One line per logging step: loss, learning rate, tokens/s, memory, ETA. Keeps when each step ended, for the
+    first step's extra time (compilation) in the summary."""
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.t0 = 0.0
         self.step0 = 0
         self.tokens0 = 0
+        self.step_ends: list[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen
         return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_ends.append(time.monotonic())
+        return control
+
+    def step_times(self) -> dict[str, float | None]:
+        """first_step_s (from the start of training), median_step_s of the others: their difference is what the
+        first step paid beyond a steady one (Unsloth's and Inductor's compilation, CUDA graph capture)."""
+        if len(self.step_ends) < 3:
+            return {"first_step_s": None, "median_step_s": None}
+        gaps = sorted(b - a for a, b in pairwise(self.step_ends))
+        return {"first_step_s": round(self.step_ends[0] - self.t0, 2), "median_step_s": round(gaps[len(gaps) // 2], 3)}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
@@ -254,8 +269,8 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         log.info("resuming from %s", resume)
 
     stop = GracefulStop()
-    trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir,
-                            [CheckpointMarker(), ProgressLog(runtime.device), stop])
+    progress = ProgressLog(runtime.device)
+    trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir, [CheckpointMarker(), progress, stop])
     if runtime.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stop.install()
@@ -287,6 +302,7 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         "peak_memory_kind": "cuda_max_allocated" if runtime.device == "cuda" else "process_max_rss",
         "global_batch_size": config.training.per_device_train_batch_size * config.training.gradient_accumulation_steps
         * trainer.args.world_size,
+        **progress.step_times(),
     }
     return trainer, summary, stop.signal_name
 

@@ -106,6 +106,8 @@ def test_train_job_trains_publishes_adapter_and_summary(tiny_config, tmp_path):
     assert (stage / "manifest.json").is_file() and (stage / "config.yaml").is_file()
     # The stage's time is the training's and more (the report's stage-time table), not only the publishing's.
     assert json.loads((stage / "manifest.json").read_text())["duration_s"] >= summary["train_runtime_s"] > 0
+    # Four steps: the first timed from the start of training, the median of the other three gaps.
+    assert summary["train_runtime_s"] >= summary["first_step_s"] > 0 and summary["median_step_s"] > 0
     base = AutoModelForCausalLM.from_pretrained(config.model.name)
     model = PeftModel.from_pretrained(base, stage / "adapter")
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())  # it learned something
