@@ -1,29 +1,32 @@
 """The GPU benchmark's own arithmetic and verdicts, checked on CPU against the committed H100 results."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an installed one
+
+from bench.common import merge_results  # noqa: E402
+from bench.model import R1_DISTILL_LLAMA_8B, frozen_matmul_params, train_flops_per_token  # noqa: E402
+from bench.reference import _parse_ref_variant  # noqa: E402
+from bench.render import _loss_agreement, render  # noqa: E402
 
 
 def test_frozen_matmul_weights_are_llama_8b_without_embeddings_and_norms():
     # Llama-3.1-8B has 8,030,261,248 parameters: minus the input embedding (128256 x 4096) and the 65 RMSNorm
     # weight vectors, what is left is the weights of the matrix products that every token goes through.
-    assert bench.frozen_matmul_params(bench.R1_DISTILL_LLAMA_8B) == 8_030_261_248 - 128256 * 4096 - 65 * 4096
+    assert frozen_matmul_params(R1_DISTILL_LLAMA_8B) == 8_030_261_248 - 128256 * 4096 - 65 * 4096
 
 
 def test_train_flops_count_four_per_frozen_weight_six_per_lora_weight_plus_attention():
-    arch = bench.R1_DISTILL_LLAMA_8B
+    arch = R1_DISTILL_LLAMA_8B
     lora = 41_943_040  # r 16 on the 7 projections of 32 layers, as the train job reports
-    per_token = bench.train_flops_per_token(arch, 2048, lora)
-    assert per_token == 4 * bench.frozen_matmul_params(arch) + 6 * lora + 6 * 32 * 2048 * 4096
+    per_token = train_flops_per_token(arch, 2048, lora)
+    assert per_token == 4 * frozen_matmul_params(arch) + 6 * lora + 6 * 32 * 2048 * 4096
 
 
 @pytest.mark.parametrize(("variant", "expected"), [
@@ -33,11 +36,11 @@ def test_train_flops_count_four_per_frozen_weight_six_per_lora_weight_plus_atten
     ("8x1:auto:grouped", (8, 1, "auto", {"sampling": "group_by_length"})),
 ])
 def test_reference_variants_map_to_config_keys(variant, expected):
-    assert bench._parse_ref_variant(variant) == expected
+    assert _parse_ref_variant(variant) == expected
 
 
 def committed(*names: str) -> dict:
-    return bench.merge_results([json.loads((RESULTS / name).read_text()) for name in names])
+    return merge_results([json.loads((RESULTS / name).read_text()) for name in names])
 
 
 SESSION3 = ("2026-11-26-h100-80gb-hbm3-machine1.json", "2026-11-26-h100-80gb-hbm3-machine2.json",
@@ -45,7 +48,7 @@ SESSION3 = ("2026-11-26-h100-80gb-hbm3-machine1.json", "2026-11-26-h100-80gb-hbm
 
 
 def test_committed_h100_results_render_the_verdicts_in_benchmarks_md():
-    table = bench.render(committed(*SESSION3))
+    table = render(committed(*SESSION3))
     # The fastest Unsloth run at 2x2048 within the 8 GiB target; the ratio to transformers both with checkpointing.
     assert "| train, Unsloth 2x2048 >= 9,500 tokens/s | 9,651 (unsloth:true:padded) | **pass** |" in table
     assert "| train, Unsloth >= 3.5x transformers at 2x2048 | 2.07x | **miss** |" in table
@@ -61,7 +64,7 @@ SESSION4 = ("2026-12-01-h200-locked.json", "2026-12-01-h200-locked-train-a.json"
 
 
 def test_committed_h200_results_with_the_lock_are_benchmarks_md_and_name_every_difference_from_the_lock():
-    table = bench.render(committed(*SESSION4))
+    table = render(committed(*SESSION4))
     assert "| 2x4 | auto: none | 139.8 s |" in table and "| unsloth, padded batches | none | 2x2048 | 4 | 13,905 |" in table
     assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table
     differences = next(line for line in table.splitlines() if line.startswith("- installed versus the image's lock"))
@@ -71,17 +74,17 @@ def test_committed_h200_results_with_the_lock_are_benchmarks_md_and_name_every_d
 
 
 def test_eval_verdict_counts_the_evaluate_jobs_answer_length_not_a_shorter_run():
-    table = bench.render(committed("2026-11-25-h100-80gb-hbm3-call1.json", "2026-11-25-h100-80gb-hbm3-call3.json",
-                                   "2026-11-25-h100-80gb-hbm3-call4.json"))
+    table = render(committed("2026-11-25-h100-80gb-hbm3-call1.json", "2026-11-25-h100-80gb-hbm3-call3.json",
+                             "2026-11-25-h100-80gb-hbm3-call4.json"))
     # 2,110 tokens/s was for 256-token answers; the verdict counts the evaluate job's 1,200-token answers.
     assert "2,110 (transformers-16bit-static, 256 new tokens), 1,196 (transformers-16bit-static, 1200 new tokens) | **miss** |" in table
 
 
 def test_loss_agreement_compares_only_runs_that_see_the_same_rows():
     results = committed("2026-11-25-h100-80gb-hbm3-call1.json", "2026-11-25-h100-80gb-hbm3-call3.json")
-    line = bench._loss_agreement(results["reference"])
+    line = _loss_agreement(results["reference"])
     assert line.endswith("2x4:unsloth:padded vs 8x1:unsloth:padded: largest per-step loss difference 0.0020 over 60 steps.")
     assert "rebalance" not in line
-    line = bench._loss_agreement(committed(*SESSION3)["reference"])
+    line = _loss_agreement(committed(*SESSION3)["reference"])
     assert "2x4:auto vs 2x4:unsloth: largest per-step loss difference 0.0023 over 60 steps" in line
     assert "grouped" not in line

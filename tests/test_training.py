@@ -198,8 +198,8 @@ def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
     (bench/results): never below a measured peak (auto must not pick a run that cannot fit), at most 15% above."""
     import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from run import R1_DISTILL_LLAMA_8B
+    sys.path.insert(0, str(ROOT))
+    from bench.model import R1_DISTILL_LLAMA_8B
 
     results = json.loads((ROOT / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-machine2.json").read_text())
     run = results["train"]["unsloth:false:padded"]

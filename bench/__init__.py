@@ -1,0 +1,11 @@
+"""GPU benchmarks of medcot (bench/README.md). bench/run.py is the command; one module per section:
+
+    cli         arguments, the order of sections, and which module runs each section or worker
+    common      the session, worker subprocesses and their deadlines, the environment record, merging results
+    model       the architecture, tokenizer and random weights (section build), model FLOPs for MFU
+    peak        section peak: the GPU's bf16 matmul rate
+    train       sections train and levers: run_training at fixed shapes
+    reference   section reference: the train job itself on synthetic rows
+    generation  section eval: the evaluate job's generate
+    render      BENCHMARKS.md: tables, targets, verdicts
+"""

@@ -1,0 +1,220 @@
+"""BENCHMARKS.md from results: the tables, issue 5's targets and the verdicts on them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from medcot.attention import GQA_DECODE  # (no torch at import)
+from medcot.modeling import checkpointing_name
+
+# Issue 5's targets (H100 80GB), checked in BENCHMARKS.md.
+TARGETS = {
+    "unsloth_2x2048_tokens_per_s": 9500, "unsloth_vs_transformers_2x2048": 3.5, "unsloth_2x2048_peak_gib": 8.0,
+    "mfu_8x2048": 0.50, "reference_wall_s": 90, "eval_b32_tokens_per_s": 2000, "eval_b1_tokens_per_s": 65,
+    "eval_vs_transformers_4bit": 3.0,
+}
+NOTES_HEADING = "## Notes"  # where the hand-written part of BENCHMARKS.md starts
+
+
+def write_benchmarks_md(path: Path, results: dict) -> None:
+    """The tables from the results; a hand-written `## Notes` section already in the file is kept."""
+    notes = ""
+    if path.is_file() and NOTES_HEADING in path.read_text():
+        notes = "\n" + path.read_text()[path.read_text().index(NOTES_HEADING):]
+    path.write_text(render(results) + notes)
+
+
+def _shape(results: dict, key: str, batch: int, seq: int) -> dict:
+    for entry in results["train"].get(key, {}).get("shapes", []):
+        if entry["batch"] == batch and entry["seq_len"] == seq:
+            return entry
+    return {}
+
+
+def _fmt(value: Any, spec: str = ",.0f", unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:{spec}}{unit}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "—" if ok is None else ("**pass**" if ok else "**miss**")
+
+
+def render(results: dict) -> str:
+    meta, peak = results["meta"], results.get("peak", {}).get("matmul_bf16_tflops")
+    v = meta.get("versions", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured by `python3 bench/run.py` (`make bench`) on a Llama-3.1-8B-shaped model with random bf16 weights "
+        "(the architecture of DeepSeek-R1-Distill-Llama-8B), through medcot's own train and evaluate code. "
+        "See bench/README.md for what each number is and how it is counted. Targets are issue 5's.",
+        "",
+        f"- GPU: {meta.get('gpu')} ({meta.get('gpu_memory', '?')}), driver {meta.get('driver', '?')}; date {meta.get('date')}",
+        f"- torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
+        f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')} (zoo {v.get('unsloth_zoo')}), triton {v.get('triton')}, "
+        f"Python {meta.get('python')}",
+        f"- bf16 matmul peak of this GPU (8192^3, median): {_fmt(peak, ',.0f', ' TFLOP/s')}",
+    ]
+    if "lock_differences" in meta:  # results from before the lock have no such record
+        differences = ", ".join(f"{name} {d['installed'] or 'missing'} (lock {d['lock']})"
+                                for name, d in sorted(meta["lock_differences"].items()))
+        lines.append(f"- installed versus the image's lock (docker/requirements.lock): {differences or 'the same'}")
+    if meta.get("tiny"):
+        lines.append("- **--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**")
+    build = results.get("build", {})
+    if build and not build.get("reused"):
+        lines.append(f"- model build: {_fmt(build.get('params', 0) / 1e9, '.2f')} B parameters, built on the GPU in "
+                     f"{build.get('build_s')} s, saved ({_fmt(build.get('bytes', 0) / 1e9, '.1f')} GB safetensors) in {build.get('save_s')} s")
+
+    def mfu(entry: dict) -> float | None:
+        if not entry.get("tokens_per_s") or not peak:
+            return None
+        return entry["tokens_per_s"] * entry["flops_per_token"] / (peak * 1e12)
+
+    lines += ["", "## Training (4-bit NF4 base, LoRA r 16 on all 7 projections, 8-bit AdamW, bf16)", "",
+              "`run_training` on rows of exactly batch x length tokens; tokens/s over the timed steps that follow the "
+              "warm-up steps (no compilation, start-up or checkpoint inside). MFU: model FLOPs (bench/README.md) over the "
+              "matmul peak above.", "",
+              "| path | checkpointing | batch x length | timed steps | tokens/s | peak GPU memory | MFU | model load |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, run in results["train"].items():
+        backend, gc, *layout = key.split(":")
+        gc = {"unsloth": "unsloth (offloaded)" if backend == "unsloth" else "plain", "true": "plain", "false": "none"}[gc]
+        # Results of session 1 had no layout in the key: Unsloth chose (padding-free), or padded by env variable.
+        layout = (layout or ["padded" if run.get("env") else "auto"])[0]
+        if backend == "unsloth":
+            backend += {"padded": ", padded batches", "padding_free": ", padding-free", "default": ", medcot default",
+                        "auto": ", Unsloth's choice (padding-free)"}[layout]
+        for entry in run.get("shapes", []):
+            lines.append(f"| {backend} | {gc} | {entry['batch']}x{entry['seq_len']} | {entry.get('steps', '—')} | "
+                         f"{_fmt(entry.get('tokens_per_s')) if 'error' not in entry else entry['error']} | "
+                         f"{_fmt(entry.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(mfu(entry), '.1%')} | {run.get('load_s', '—')} s |")
+        if run.get("exit") not in (None, 0):
+            lines.append(f"| {backend} | {gc} | (worker exit: {run['exit']}) | | | | | |")
+
+    lines += ["", "## Reference workload (the train job: 500 rows, 60 steps; wall time includes import and load)", "",
+              "| micro-batch x accumulation | checkpointing | wall | model load | train | tokens/s | peak GPU memory | final loss |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for e in results["reference"].values():
+        losses = e.get("losses") or [None]
+        flags = e.get("training") or ({"padding_free": False} if e.get("env") else {})
+        padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
+                          ", padding-free" if flags.get("padding_free") else "",
+                          f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
+        gc = checkpointing_name(e["gc"])
+        if e["gc"] == "auto" and "checkpointing" in e:
+            gc = f"auto: {checkpointing_name(e['checkpointing'])}"
+        lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |")
+    ref_loss = _loss_agreement(results["reference"])
+    if ref_loss:
+        lines.append(f"\n{ref_loss}")
+
+    adapters = {run.get("adapter") for run in results["eval"].values()}
+    lines += ["", "## Generation (evaluate job's `generate`, greedy, every row generates the full length)", "",
+              "Prompts of 133 to 211 tokens, left-padded; tokens/s = generated tokens / time of the `generate` call, "
+              "after a 16-token warm-up with the same shapes. "
+              + ("With the reference run's trained adapter (unmerged LoRA on the 4-bit paths, merged into the bf16 "
+                 "weights for transformers-16bit-static)." if adapters - {None} else "Base model, no adapter."), "",
+              "| variant | batch | new tokens per row | generated tokens/s | peak GPU memory | model load |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, run in results["eval"].items():
+        variant = key.partition(":")[0]
+        if run.get("attention") == GQA_DECODE:
+            variant += " (grouped-query decoding)"
+        for e in run.get("batches", []):
+            lines.append(f"| {variant} | {e['batch']} | {e['new_tokens']} | "
+                         f"{_fmt(e.get('tokens_per_s'), ',.1f') if 'error' not in e else e['error']} | "
+                         f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {run.get('load_s', '—')} s |")
+        if run.get("exit") not in (None, 0):
+            lines.append(f"| {variant} | (worker exit: {run['exit']}) | | | | |")
+
+    lines += ["", "## Issue 5's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    for name, measured, ok in _targets(results, mfu):
+        lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_agreement(reference: dict) -> str | None:
+    # Only runs that draw the same rows in the same order compare step by step (not other sampling strategies).
+    runs = [(k, e["losses"]) for k, e in reference.items()
+            if e.get("losses") and not (e.get("training") or {}).get("sampling")]
+    if len(runs) < 2:
+        return None
+    (k0, base), parts = runs[0], []
+    for key, losses in runs[1:]:
+        n = min(len(base), len(losses))
+        worst = max(abs(a - b) for a, b in zip(base[:n], losses[:n], strict=True))
+        parts.append(f"{key} vs {k0}: largest per-step loss difference {worst:.4f} over {n} steps")
+    return "Same rows in the same order, same global batch: " + "; ".join(parts) + "."
+
+
+def _targets(results: dict, mfu) -> list[tuple[str, str, bool | None]]:
+    t = TARGETS
+    # The fastest Unsloth run at 2x2048 that keeps the memory target (the recipe must fit a 12 GB card).
+    unsloth_runs = {k: _shape(results, k, 2, 2048) for k in results["train"] if k.startswith("unsloth")}
+    fitting = {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s") and e.get("peak_memory_gib", 99) <= t["unsloth_2x2048_peak_gib"]}
+    pool = fitting or {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s")}
+    best_key = max(pool, key=lambda k: pool[k]["tokens_per_s"]) if pool else None
+    uns = pool.get(best_key, {}) if best_key else {}
+    base = next((_shape(results, k, 2, 2048) for k in results["train"] if k.startswith("transformers")), {})
+    label = f" ({best_key})" if best_key else ""
+    out: list[tuple[str, str, bool | None]] = []
+    tps = uns.get("tokens_per_s")
+    out.append((f"train, Unsloth 2x2048 >= {t['unsloth_2x2048_tokens_per_s']:,} tokens/s", _fmt(tps) + label,
+                None if tps is None else tps >= t["unsloth_2x2048_tokens_per_s"]))
+    ratio = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
+    out.append((f"train, Unsloth >= {t['unsloth_vs_transformers_2x2048']}x transformers at 2x2048", _fmt(ratio, '.2f', 'x'),
+                None if ratio is None else ratio >= t["unsloth_vs_transformers_2x2048"]))
+    mem = uns.get("peak_memory_gib")
+    out.append((f"train, Unsloth 2x2048 peak <= {t['unsloth_2x2048_peak_gib']:.0f} GiB", _fmt(mem, '.1f', ' GiB') + label,
+                None if mem is None else mem <= t["unsloth_2x2048_peak_gib"]))
+    mfus = {k: mfu(_shape(results, k, 8, 2048)) for k in results["train"] if k.startswith("unsloth")}
+    mfus = {k: m for k, m in mfus.items() if m is not None}
+    if mfus:
+        best = max(mfus, key=mfus.get)
+        shown = ", ".join(f"{m:.1%} ({k})" for k, m in mfus.items())
+        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", shown, mfus[best] >= t["mfu_8x2048"]))
+    else:
+        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", "—", None))
+    walls = {k: e["wall_s"] for k, e in results["reference"].items() if e.get("exit_code") == 0}
+    if walls:
+        shown = ", ".join(f"{w:.0f} s ({k})" for k, w in walls.items())
+        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", shown, min(walls.values()) <= t["reference_wall_s"]))
+    else:
+        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", "—", None))
+
+    def rate(key: str, batch: int) -> float | None:
+        for e in results["eval"].get(key, {}).get("batches", []):
+            if e["batch"] == batch:
+                return e.get("tokens_per_s")
+        return None
+
+    def tokens(key: str) -> int | None:
+        return next((e.get("new_tokens") for e in results["eval"][key].get("batches", [])), None)
+
+    # Keys are VARIANT:NEW_TOKENS. The verdict counts answers of the evaluate job's length (1,200 new tokens)
+    # where such a run exists; shorter runs are listed beside it.
+    fast = [k for k in results["eval"] if not k.startswith("transformers-4bit")]
+    judged = [k for k in fast if tokens(k) == 1200] or fast
+    for batch, key in ((32, "eval_b32_tokens_per_s"), (1, "eval_b1_tokens_per_s")):
+        rates = {k: rate(k, batch) for k in fast if rate(k, batch)}
+        scored = {k: r for k, r in rates.items() if k in judged}
+        out.append((f"eval, batch {batch} >= {t[key]:,} tokens/s",
+                    ", ".join(f"{r:,.0f} ({k.partition(':')[0]}, {tokens(k)} new tokens)" for k, r in rates.items()) or "—",
+                    None if not scored else max(scored.values()) >= t[key]))
+    ratios = []
+    for batch in (1, 8, 32):
+        baseline = next((rate(k, batch) for k in results["eval"] if k.startswith("transformers-4bit") and rate(k, batch)), None)
+        rates = [rate(k, batch) for k in judged if rate(k, batch)]
+        if baseline and rates:
+            ratios.append((batch, max(rates) / baseline))
+    out.append((f"eval, best >= {t['eval_vs_transformers_4bit']:.0f}x transformers 4-bit at each batch",
+                ", ".join(f"{r:.1f}x (batch {b})" for b, r in ratios) or "—",
+                None if not ratios else min(r for _, r in ratios) >= t["eval_vs_transformers_4bit"]))
+    return out
