@@ -2,6 +2,7 @@
 
     python3 bench/run.py                                   # every section (about 30 minutes on an H100)
     python3 bench/run.py --sections peak,train,reference   # some sections, in this order
+    python3 bench/run.py --sections build,chain,reference  # the five jobs as the chain runs them, then the train job
     python3 bench/run.py --tiny --work /tmp/bt             # the same pipeline on a 2-layer model (smoke test)
     python3 bench/run.py --render bench/results/A.json [B.json ...]   # rewrite BENCHMARKS.md from results
 
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import generation, model, peak, reference, train
+from bench import chain, generation, model, peak, reference, train
 from bench.common import ROOT, Session, environment, lock_differences, merge_results
 from bench.model import R1_DISTILL_LLAMA_8B, TINY
 from bench.render import render, write_benchmarks_md
@@ -31,14 +33,14 @@ from bench.render import render, write_benchmarks_md
 WORKERS = {"peak": peak.worker_peak, "build": model.worker_build, "train": train.worker_train,
            "eval": generation.worker_eval}
 # What each name of --sections runs (in this process; it starts the workers).
-SECTIONS = {"peak": peak.run_section, "build": model.run_section, "train": train.run_section,
+SECTIONS = {"peak": peak.run_section, "build": model.run_section, "chain": chain.run_section, "train": train.run_section,
             "levers": train.run_section, "reference": reference.run_section, "eval": generation.run_section}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="peak,build,train,levers,reference,eval",
-                        help="comma-separated, run in this order: peak, build, train, levers, reference, eval")
+    parser.add_argument("--sections", default="peak,build,chain,train,levers,reference,eval",
+                        help="comma-separated, run in this order: peak, build, chain, train, levers, reference, eval")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of the same vocabulary: checks the benchmark, not the GPU")
     parser.add_argument("--work", default="/tmp/medcot-bench", help="model, data and run folders (about 17 GB)")
     parser.add_argument("--out", help="folder of the results JSON (default bench/results; WORK with --tiny)")
@@ -56,7 +58,9 @@ def main() -> int:
     parser.add_argument("--reference", default="2x4:auto,2x4:unsloth,8x1:unsloth,8x1:unsloth:grouped,8x1:false:grouped",
                         help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing auto, unsloth, true "
                              "or false; "
-                             "flags padded, padding_free, rebalance, grouped")
+                             "flags padded, padding_free, rebalance, grouped, cold (an empty compile cache)")
+    parser.add_argument("--compile-cache", help="compiled kernels shared by every job and worker, as the containers share "
+                                                "them (MEDCOT_COMPILE_CACHE; default WORK/compile)")
     parser.add_argument("--eval", default="transformers-16bit-static,transformers-16bit-static:256,transformers-16bit-static-sdpa,"
                                           "transformers-4bit,unsloth-4bit:256",
                         help="generation variants: unsloth-4bit, transformers-4bit, transformers-16bit-static (-sdpa: "
@@ -99,7 +103,7 @@ def main() -> int:
     meta = {**environment(), "tiny": args.tiny, "arch": arch, "sections": args.sections}
     slug = re.sub(r"[^a-z0-9]+", "-", meta["gpu"].lower().replace("nvidia", "")).strip("-")
     path = out / f"{meta['date']}-{slug}{'-tiny' if args.tiny else ''}.json"
-    results: dict[str, Any] = {"meta": meta, "peak": {}, "build": {}, "train": {}, "reference": {}, "eval": {}}
+    results: dict[str, Any] = {"meta": meta, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}}
     if path.is_file():  # a second run on the same day and GPU adds to the first
         results = merge_results([json.loads(path.read_text()), {"meta": meta}])
 
@@ -107,6 +111,8 @@ def main() -> int:
         path.write_text(json.dumps(results, indent=2))
         write_benchmarks_md(Path(args.benchmarks_md), results)
 
+    args.compile_cache = args.compile_cache or str(work / "compile")
+    os.environ["MEDCOT_COMPILE_CACHE"] = args.compile_cache  # every job and worker inherits it
     common = {"model_dir": str(model_dir), "work": str(work), "arch": arch}
     log_path = Path(args.log) if args.log else work / "bench.log"
     with log_path.open("a") as log:

@@ -5,7 +5,8 @@
 # and the log into OUT (and prints the log's tail), so what was measured comes back even if the machine goes.
 #     bash bench/device-background.sh start "$OUT" --sections peak,build,train   # then, until it says "finished":
 #     bash bench/device-background.sh follow "$OUT"
-# FOLLOW_S (default 560) is how long one command follows before it returns.
+# FOLLOW_S (default 560) is how long one command follows before it returns. GPU_TESTS=LOG (bench/device.sh) runs
+# `pytest -m gpu` first; give it to both commands so that each copies the log into OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?start or follow}
@@ -29,6 +30,7 @@ while [ ! -f "$state"/exit ] && [ $SECONDS -lt $deadline ]; do
   sleep 5
 done
 cp "$state"/results/*.json "$state"/stdout "$out"/ 2>/dev/null
+[ -n "${GPU_TESTS:-}" ] && cp "$GPU_TESTS" "$out"/ 2>/dev/null
 gzip -c "$state"/bench.log > "$out"/bench.log.gz 2>/dev/null
 tail -n 40 "$state"/stdout
 if [ -f "$state"/exit ]; then

@@ -3,6 +3,7 @@
 # wheels carried in .whl/ (bench/wheels.sh: the lock's pins that the machine lacks) into /tmp/site, prints where
 # the machine still differs from docker/requirements.lock, then runs the benchmark with the given arguments.
 #     bash bench/device.sh --sections peak,build,train --out "$OUT"
+#     GPU_TESTS=/tmp/gpu-tests.log bash bench/device.sh --sections build,chain --out "$OUT"   # pytest -m gpu first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
@@ -11,4 +12,10 @@ if [ -d .whl ]; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 bench/run.py --lock-diff
+# GPU_TESTS=LOG: `pytest -m gpu` first, on the same packages, its output into LOG (the benchmark runs either way).
+if [ -n "${GPU_TESTS:-}" ]; then
+  start=$SECONDS
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$GPU_TESTS" 2>&1
+  echo "pytest -m gpu: exit $? after $((SECONDS - start)) s: $(tail -n 1 "$GPU_TESTS")" | tee -a "$GPU_TESTS"
+fi
 exec python3 bench/run.py "$@"

@@ -74,8 +74,15 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     entry: dict[str, Any] = {"variant": variant, "micro_batch": micro, "accumulation": accum, "gc": gc, "training": training_keys,
                              "rows": n_rows, "row_tokens": {"mean": round(statistics.mean(lengths)),
                                                             "median": statistics.median(lengths), "max": max(lengths)}}
+    # cold: an empty compile cache, as on a new machine; otherwise the session's, which earlier jobs filled.
+    cold = "cold" in variant.split(":")[2:]
+    env = {"MEDCOT_COMPILE_CACHE": str(work / f"compile-empty-{variant.replace(':', '-')}")} if cold else None
+    if cold:
+        shutil.rmtree(env["MEDCOT_COMPILE_CACHE"], ignore_errors=True)
+    entry["compile_cache"] = "empty" if cold else "shared"
     t0 = time.monotonic()
-    rc = run_command([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(cfg_path)], deadline, log, f"reference {variant}")
+    rc = run_command([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(cfg_path)], deadline, log,
+                     f"reference {variant}", extra_env=env)
     entry["wall_s"] = round(time.monotonic() - t0, 1)
     entry["exit_code"] = rc
     summary_path = run_dir / "train" / "summary.json"
@@ -84,13 +91,14 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
         entry.update(model_load_s=s.get("model_load_s"), train_s=s["train_runtime_s"], train_tokens=s["train_tokens"],
                      tokens_per_s=s["train_tokens_per_s"], peak_memory_gib=s["peak_memory_gib"], steps=s["global_step"],
                      losses=[x["loss"] for x in s["losses"]], adapter=str(run_dir / "train" / "adapter"),
-                     checkpointing=s.get("gradient_checkpointing"))
+                     checkpointing=s.get("gradient_checkpointing"), first_step_s=s.get("first_step_s"),
+                     median_step_s=s.get("median_step_s"))
     return entry
 
 
 REF_FLAGS: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
-    "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"},
+    "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"}, "cold": {},
 }
 
 

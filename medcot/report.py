@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medcot.metrics import TABLE_HEADER, compare, format_table, paired_test_lines, paired_tests, table_cells
-from medcot.rundir import DRY_RUN_DIR, PRODUCER, STAGES, RunDir, StageError
+from medcot.rundir import DRY_RUN_DIR, PRODUCER, STAGES, RunDir, StageError, write_json
 
 if TYPE_CHECKING:
     from medcot.config import RunConfig
@@ -249,6 +249,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
 
     rows = compare(before, after)
     pairs = _paired(rows_before, rows_after)
+    tests = paired_tests(pairs)
     shown = _shown(pairs)
     title = f"medcot before/after: {rd.root.name}"
     intro = [f"Before: base model, {before['n_generated']} answers (eval-before finished "
@@ -256,7 +257,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
              f"(eval-after finished {manifests['eval-after'].finished_at})."]
     notes = ["Intervals are 95%: Wilson for rates and accuracies, percentile bootstrap for means, medians and loss. "
              "Format = closed think block and a non-empty final answer.", *_unparseable_lines(before, after),
-             *paired_test_lines(paired_tests(pairs)), *_weights_lines(before, after)]
+             *paired_test_lines(tests), *_weights_lines(before, after)]
     plots = {
         "training_loss.png": ("Training loss", _loss_plot(log_history)),
         "lengths.png": ("Length distributions before and after", _length_plot(rows_before, rows_after)),
@@ -272,6 +273,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
         md = _markdown(title, intro, format_table(rows), notes, {n: alt for n, (alt, _) in pngs.items()}, shown)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         (tmp / "report.html").write_text(_html(title, intro, rows, notes, pngs, shown), encoding="utf-8")
+        # The same numbers for programs (bench/demo.py, a CI gate): the table's rows and the paired tests.
+        write_json(tmp / "comparison.json", {"metrics": rows, "paired_tests": tests,
+                                             "n": {"before": before["n_generated"], "after": after["n_generated"]},
+                                             "mcq": {"before": before.get("mcq") or {}, "after": after.get("mcq") or {}}})
     return out_dir / "report.md", out_dir / "report.html"
 
 

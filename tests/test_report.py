@@ -65,6 +65,16 @@ def test_report_writes_markdown_html_and_valid_pngs(run_dir):
             assert img.format == "PNG"
 
 
+def test_report_writes_the_table_and_the_paired_tests_as_json_for_programs(run_dir):
+    write_report(run_dir)
+    data = json.loads((run_dir / "report" / "comparison.json").read_text())
+    metrics = {row["metric"]: row for row in data["metrics"]}
+    assert metrics["format rate"]["before"] is not None and metrics["format rate"]["direction"] == "higher"
+    tests = {t["metric"]: t for t in data["paired_tests"]}
+    assert tests["format"]["test"] == "McNemar exact" and 0 <= tests["format"]["p_value"] <= 1
+    assert data["n"]["before"] == data["n"]["after"] > 0
+
+
 def test_html_is_self_contained_with_every_plot_embedded(run_dir):
     text = write_report(run_dir)[1].read_text(encoding="utf-8")
     pngs = embedded_pngs(text)

@@ -1,0 +1,201 @@
+"""`make demo` timed job by job on this machine (a CPU), with the key numbers of its report.
+
+    python3 bench/demo.py                 # the demo's jobs in this checkout (its .venv; setup not timed)
+    python3 bench/demo.py --clean-clone   # as a new user: clone HEAD, `make setup` without caches, then the jobs
+
+Runs the commands that `make -n demo` prints, each timed from its start to its exit, in a run of its own
+(RUN_NAME=bench-demo-<time>). Prints the stage times and the report's numbers (report/comparison.json): format
+and think-closed rates with their exact McNemar tests, the held-out loss intervals, how many multiple-choice
+answers parse, ROUGE-L's paired difference. Writes bench/results/<date>-cpu-demo.json and the "## The CPU demo"
+section of BENCHMARKS.md (the GPU tables above it are bench/run.py's). Issue 14's targets: setup <= 180 s, the
+jobs <= 300 s, format and think-closed p < 0.05 on >= 20 questions, disjoint loss intervals, most MCQ answers parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.render import DEMO_HEADING, NOTES_HEADING  # noqa: E402
+
+TARGETS = {"setup_s": 180, "jobs_s": 300, "p_value": 0.05, "questions": 20}
+
+
+def _cpu() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def demo_commands(checkout: Path, run_name: str, env: dict[str, str]) -> list[list[str]]:
+    """The job commands of `make demo`, as make would run them (setup already done)."""
+    out = subprocess.run(["make", "-n", "demo", f"RUN_NAME={run_name}"], cwd=checkout, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    commands = [shlex.split(line) for line in out.splitlines() if "jobs/" in line]
+    if len(commands) < 5:
+        raise SystemExit(f"`make -n demo` printed {len(commands)} job commands; is `make setup` done?\n{out}")
+    return commands
+
+
+def run_demo(checkout: Path, env: dict[str, str]) -> dict[str, Any]:
+    run_name = f"bench-demo-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    jobs: list[dict[str, Any]] = []
+    first = time.monotonic()
+    for cmd in demo_commands(checkout, run_name, env):
+        label = Path(cmd[1]).stem + ("-" + cmd[cmd.index("--stage") + 1] if "--stage" in cmd else "")
+        label += "-dry-run" if "--dry-run" in cmd else ""
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+        jobs.append({"job": label, "wall_s": round(time.monotonic() - t0, 1), "exit": proc.returncode})
+        print(f"  {label:<16} {jobs[-1]['wall_s']:7.1f} s  exit {proc.returncode}", flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            break
+    result: dict[str, Any] = {"run_name": run_name, "jobs": jobs, "jobs_s": round(time.monotonic() - first, 1)}
+    comparison = checkout / "outputs" / run_name / "report" / "comparison.json"
+    if comparison.is_file():
+        result["report"] = key_numbers(json.loads(comparison.read_text()))
+    return result
+
+
+def key_numbers(comparison: dict[str, Any]) -> dict[str, Any]:
+    """What issue 14 judges the demo by, from the report's comparison.json."""
+    metrics = {row["metric"]: row for row in comparison["metrics"]}
+    tests = {t["metric"]: t for t in comparison["paired_tests"]}
+    out: dict[str, Any] = {"questions": comparison["n"]["after"]}
+    for name, metric in (("format", "format rate"), ("think closed", "think closed rate")):
+        row, test = metrics[metric], tests.get(name, {})
+        out[name] = {"before": row["before"], "after": row["after"], "improved": test.get("improved"),
+                     "worsened": test.get("worsened"), "p_value": test.get("p_value")}
+    loss = metrics.get("held-out loss (nats/token)")
+    if loss:
+        out["heldout_loss"] = {k: loss[k] for k in ("before", "before_ci", "after", "after_ci")}
+    out["mcq"] = {name: {"n": s["n"], "parsed": s["n"] - s["unparseable"], "correct": round(s["accuracy"] * s["n"])}
+                  for name, s in comparison["mcq"]["after"].items()}
+    out["mcq_before"] = {name: {"n": s["n"], "parsed": s["n"] - s["unparseable"]} for name, s in comparison["mcq"]["before"].items()}
+    rouge = tests.get("ROUGE-L")
+    if rouge:
+        out["rouge_l"] = {"mean_difference": rouge["mean_difference"], "ci": rouge["ci"], "n": rouge["n"]}
+    return out
+
+
+def verdicts(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    t, r = TARGETS, result.get("report") or {}
+    out: list[tuple[str, str, bool | None]] = []
+    setup = result.get("setup_s")
+    out.append((f"setup <= {t['setup_s']} s (clean clone, no caches)", f"{setup} s" if setup else "not timed (--clean-clone)",
+                None if setup is None else setup <= t["setup_s"]))
+    out.append((f"the demo's jobs <= {t['jobs_s']} s", f"{result['jobs_s']} s", result["jobs_s"] <= t["jobs_s"]))
+    for name in ("format", "think closed"):
+        s = r.get(name)
+        if s:
+            ok = s["after"] > s["before"] and s["p_value"] is not None and s["p_value"] < t["p_value"] and r["questions"] >= t["questions"]
+            out.append((f"{name} rate rises, McNemar p < {t['p_value']} on >= {t['questions']} questions",
+                        f"{s['before']:.2f} -> {s['after']:.2f}, {s['improved']} improved / {s['worsened']} worsened, "
+                        f"p = {s['p_value']:.3g}, {r['questions']} questions", ok))
+    loss = r.get("heldout_loss")
+    if loss:
+        b, a = loss["before_ci"], loss["after_ci"]
+        out.append(("held-out loss intervals do not overlap",
+                    f"{loss['before']:.3f} [{b[0]:.3f}, {b[1]:.3f}] -> {loss['after']:.3f} [{a[0]:.3f}, {a[1]:.3f}]",
+                    a[1] < b[0]))
+    for name, m in (r.get("mcq") or {}).items():
+        out.append((f"most multiple-choice answers parse ({name})", f"{m['parsed']}/{m['n']} parse, {m['correct']} correct "
+                    f"(before: {r['mcq_before'][name]['parsed']}/{m['n']} parse)", m["parsed"] > m["n"] / 2))
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [DEMO_HEADING + " (`make demo`, measured by `python3 bench/demo.py`)", "",
+             f"- {result['machine']}; torch {result['torch']}, {result['dtype']}; {result['date']}"
+             + (f"; clean clone of {result['commit']}" if result.get("setup_s") else f"; checkout at {result['commit']}"),
+             "", "| step | wall |", "| --- | ---: |"]
+    if result.get("setup_s") is not None:
+        lines.append(f"| make setup (venv, CPU torch, uv install, embedded model converted; no caches) | {result['setup_s']} s |")
+    for job in result["jobs"]:
+        failed = "" if job["exit"] == 0 else f" (exit {job['exit']})"
+        lines.append(f"| {job['job']} | {job['wall_s']} s{failed} |")
+    lines += [f"| **the demo's jobs** | **{result['jobs_s']} s** |", "", "| issue 14's target | measured | verdict |",
+              "| --- | --- | --- |"]
+    for name, measured, ok in verdicts(result):
+        lines.append(f"| {name} | {measured} | {'—' if ok is None else ('**pass**' if ok else '**miss**')} |")
+    rouge = (result.get("report") or {}).get("rouge_l")
+    if rouge:
+        lines += ["", f"ROUGE-L against the reference answers: paired difference {rouge['mean_difference']:+.3f} "
+                      f"[{rouge['ci'][0]:+.3f}, {rouge['ci'][1]:+.3f}] over {rouge['n']} held-out questions."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the demo's section of BENCHMARKS.md, or put it before the notes."""
+    text = path.read_text()
+    if DEMO_HEADING in text:
+        start = text.index(DEMO_HEADING)
+        end = text.index(NOTES_HEADING, start) if NOTES_HEADING in text[start:] else len(text)
+        text = text[:start] + section + "\n" + text[end:]
+    elif NOTES_HEADING in text:
+        at = text.index(NOTES_HEADING)
+        text = text[:at] + section + "\n" + text[at:]
+    else:
+        text += "\n" + section
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clean-clone", action="store_true", help="clone HEAD and time `make setup` without caches first")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder of the results JSON")
+    parser.add_argument("--benchmarks-md", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "machine": _cpu(), "commit": commit}
+    checkout = ROOT
+    if args.clean_clone:
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip():
+            print("note: the checkout has uncommitted changes; the clean clone measures HEAD without them")
+        checkout = Path(tempfile.mkdtemp(prefix="medcot-demo-")) / "medcot"
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(checkout)], check=True)
+        # A new user's machine: no pip or uv cache, and the embedded model not converted yet.
+        env.update(PIP_NO_CACHE_DIR="1", UV_NO_CACHE="1", MEDCOT_CACHE=str(checkout.parent / "medcot-cache"))
+        t0 = time.monotonic()
+        subprocess.run(["make", "setup"], cwd=checkout, env=env, check=True)
+        result["setup_s"] = round(time.monotonic() - t0, 1)
+        print(f"  make setup       {result['setup_s']:7.1f} s", flush=True)
+    python = checkout / ".venv" / "bin" / "python"
+    probe = ("import torch; from medcot.modeling import cpu_has_native_bf16; "
+             "print(torch.__version__, 'bf16' if cpu_has_native_bf16() else 'fp32')")
+    result["torch"], dtype = subprocess.run([str(python), "-c", probe], cwd=checkout, env=env, capture_output=True,
+                                            text=True, check=True).stdout.split()
+    result["dtype"] = "bf16 weights and autocast (AMX / AVX-512 BF16)" if dtype == "bf16" else "fp32 (no native bf16)"
+    result.update(run_demo(checkout, env))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", result["machine"].lower()).strip("-")[:40]
+    path = out / f"{result['date']}-cpu-demo-{slug}.json"
+    path.write_text(json.dumps(result, indent=2))
+    section = render(result)
+    write_section(Path(args.benchmarks_md), section)
+    print(f"\nresults: {path}; section written into {args.benchmarks_md}\n\n{section}")
+    return 0 if all(j["exit"] == 0 for j in result["jobs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
