@@ -118,8 +118,9 @@ def run_section(session: Session, name: str) -> None:
         return
     empty = session.work / "compile-empty"
     shutil.rmtree(empty, ignore_errors=True)
+    shutil.rmtree(run_dir / "eval-after")  # a finished stage with the same config would be skipped, --force or not
     t0 = time.monotonic()
-    rc = run_command([sys.executable, str(ROOT / "jobs/evaluate.py"), "--stage", "after", "--force", "--config", str(config)],
+    rc = run_command([sys.executable, str(ROOT / "jobs/evaluate.py"), "--stage", "after", "--config", str(config)],
                      session.deadline, session.log, "chain eval-after without the compile cache", cap_s=600,
                      extra_env={"MEDCOT_COMPILE_CACHE": str(empty)})
     out["eval_after_without_cache"] = stage_entry(run_dir, "eval-after", time.monotonic() - t0, rc, 0)

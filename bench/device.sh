@@ -12,10 +12,16 @@ if [ -d .whl ]; then
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 bench/run.py --lock-diff
-# GPU_TESTS=LOG: `pytest -m gpu` first, on the same packages, its output into LOG (the benchmark runs either way).
-if [ -n "${GPU_TESTS:-}" ]; then
-  start=$SECONDS
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$GPU_TESTS" 2>&1
+# GPU_TESTS=LOG: `pytest -m gpu` on the same packages, its output into LOG; before the benchmark, or after it with
+# GPU_TESTS_AFTER=1; GPU_TESTS_K=EXPR selects tests (pytest -k). The benchmark runs either way.
+gpu_tests() {
+  [ -n "${GPU_TESTS:-}" ] || return 0
+  local start=$SECONDS
+  python3 -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py > "$GPU_TESTS" 2>&1
   echo "pytest -m gpu: exit $? after $((SECONDS - start)) s: $(tail -n 1 "$GPU_TESTS")" | tee -a "$GPU_TESTS"
-fi
-exec python3 bench/run.py "$@"
+}
+[ -n "${GPU_TESTS_AFTER:-}" ] || gpu_tests
+python3 bench/run.py "$@"
+status=$?
+[ -z "${GPU_TESTS_AFTER:-}" ] || gpu_tests
+exit $status

@@ -17,7 +17,8 @@ def main() -> int:
     from medcot.rundir import StageError
 
     register_user_error(BackendError, StageError)
-    runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
+    # peft on the full-precision base whatever trained the adapter: the merge never imports Unsloth.
+    runtime = select_backend(config.model.model_copy(update={"backend": "transformers", "load_in_4bit": False}))
     from medcot.merge import merge_stage
 
     return merge_stage(config, runtime, force=args.force)

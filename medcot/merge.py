@@ -1,8 +1,9 @@
 """The merge job: fold the trained LoRA adapter into 16-bit base weights, as a folder that plain
 `transformers.AutoModelForCausalLM` loads without peft or Unsloth; keep a copy of the adapter beside it.
 
-On the Unsloth backend this is Unsloth's `merged_16bit` save; elsewhere peft's `merge_and_unload` on the
-full-precision base (merging into a 4-bit base would bake its quantisation error into the weights).
+peft's `merge_and_unload` on the full-precision base (merging into a 4-bit base would bake its quantisation error
+into the weights), whichever backend trained the adapter: Unsloth saves a plain peft adapter, and a 16-bit merge
+needs none of its kernels (its import alone took 31 s of the merge job's 105 s on the 8B model, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -15,29 +16,43 @@ from pathlib import Path
 import torch
 
 from medcot.config import RunConfig, save_config
-from medcot.modeling import Runtime, load_tokenizer, resolve_model_path
+from medcot.modeling import Runtime, free_gpu_bytes, load_tokenizer, parameter_count, resolve_model_path
 from medcot.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+MERGE_MARGIN_BYTES = 2 * 2**30  # CUDA context and the merge's temporaries (one layer's delta at a time)
+
+
+def merge_precision(params: int | None, free_bytes: int | None, dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """(dtype, device) the base is loaded in for the merge: fp32 on the GPU where it fits (the merged weights are
+    then rounded to merge.dtype once, as on a CPU), else merge.dtype on the GPU (the sum is rounded twice, within
+    half a unit of the last place more), else fp32 on the CPU (minutes for an 8B model instead of seconds)."""
+    if params is not None and free_bytes is not None:
+        if params * 4 * 1.05 + MERGE_MARGIN_BYTES <= free_bytes:
+            return torch.float32, "cuda"
+        if params * dtype.itemsize * 1.05 + MERGE_MARGIN_BYTES <= free_bytes:
+            return dtype, "cuda"
+    return torch.float32, "cpu"
+
 
 def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_dir: Path) -> None:
-    dtype = getattr(torch, config.merge.dtype)
-    if runtime.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=str(adapter_dir), max_seq_length=config.model.max_seq_length,
-            dtype=dtype, load_in_4bit=runtime.load_in_4bit,
-        )
-        model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
-        return
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, config.merge.dtype)
     path = resolve_model_path(config.model.name)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, revision=config.model.revision)
+    params = free = None
+    if runtime.device == "cuda":
+        free = free_gpu_bytes()
+        try:
+            params = parameter_count(path, config.model.revision)
+        except Exception as e:  # noqa: BLE001 -- sizing is advisory: unknown means the CPU, which always fits
+            log.info("merge: cannot size %s (%s); merging on the CPU", config.model.name, e)
+    load_dtype, device = merge_precision(params, free, dtype)
+    log.info("merge: base loaded in %s on the %s", str(load_dtype).removeprefix("torch."), device.upper())
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, revision=config.model.revision,
+                                                device_map={"": device} if device == "cuda" else None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(str(out_dir))

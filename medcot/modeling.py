@@ -281,7 +281,7 @@ def plan_eval_model(config: RunConfig) -> tuple[ModelConfig, str]:
     """
     if not _cuda_available():
         return config.model, "16bit"  # 4-bit needs CUDA: select_backend loads full precision and says so
-    free = _free_gpu_bytes() if config.eval.weights == "auto" and config.model.load_in_4bit else None
+    free = free_gpu_bytes() if config.eval.weights == "auto" and config.model.load_in_4bit else None
     weights = choose_eval_weights(config, free)
     if weights == "4bit":
         return config.model.model_copy(update={"load_in_4bit": True}), "4bit"
@@ -369,7 +369,7 @@ def plan_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[bool | str,
         return choice, "set in the config"
     if runtime.device != "cuda":
         return False, "CPU training"
-    free = _free_gpu_bytes()
+    free = free_gpu_bytes()
     need = train_memory_bytes_without_checkpointing(config, runtime)
     if need is None:
         return "unsloth", "cannot size the model's activations"
@@ -384,7 +384,7 @@ def checkpointing_name(value: bool | str) -> str:
     return {False: "none", True: "plain", "unsloth": "unsloth (offloaded)"}.get(value, str(value))
 
 
-def _free_gpu_bytes() -> int:
+def free_gpu_bytes() -> int:
     """Free memory of this process's GPU (LOCAL_RANK's under torchrun)."""
     import torch
 

@@ -75,3 +75,14 @@ def test_merge_refuses_an_incomplete_train_stage(tiny_config):
     (config.run_dir / "train" / "adapter").mkdir(parents=True)  # as a killed job without publishing would leave it
     with pytest.raises(StageError, match="is incomplete"):
         merge_stage(config, select_backend(config.model))
+
+
+def test_the_merge_loads_the_base_in_fp32_on_the_gpu_where_it_fits_else_in_16_bits_else_on_the_cpu():
+    from medcot.merge import MERGE_MARGIN_BYTES, merge_precision
+
+    params = 8_030_261_248  # DeepSeek-R1-Distill-Llama-8B
+    fp32, fp16 = params * 4 * 1.05 + MERGE_MARGIN_BYTES, params * 2 * 1.05 + MERGE_MARGIN_BYTES
+    assert merge_precision(params, int(fp32) + 1, torch.float16) == (torch.float32, "cuda")  # an 80 GB GPU
+    assert merge_precision(params, int(fp16) + 1, torch.float16) == (torch.float16, "cuda")  # a 24 GB GPU
+    assert merge_precision(params, int(fp16) - 1, torch.float16) == (torch.float32, "cpu")
+    assert merge_precision(None, 2**40, torch.float16) == (torch.float32, "cpu")  # a model it cannot size
