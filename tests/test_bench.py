@@ -70,6 +70,21 @@ def test_committed_h200_results_with_the_lock_are_benchmarks_md_and_name_every_d
     differences = next(line for line in table.splitlines() if line.startswith("- installed versus the image's lock"))
     assert "numpy 2.5.2 (lock 2.5.5)" in differences and "diffusers missing (lock 0.42.1)" in differences
     assert "torch" not in differences and "peft" not in differences and "unsloth" not in differences
+
+
+SESSION5 = ("2026-12-02-h200-call1.json", "2026-12-02-h200-call2.json")
+
+
+def test_committed_chain_results_with_session_4s_tables_are_benchmarks_md():
+    table = render(committed(*SESSION4, *SESSION5))
+    # The chain of call 2 (peft merge on the GPU) replaces call 1's (Unsloth's merge); both calls' references stay.
+    assert "| merge | 43.5 s | 5.3 s | — | 706 | 16.1 GB written |" in table
+    assert "| **whole chain** | **341.0 s** |" in table
+    assert "| eval-after again, empty compile cache | 65.2 s | 12.8 s | 10.3 s | 0 |" in table
+    assert "| whole chain <= 300 s, downloads excluded | 341.0 s | **miss** |" in table
+    assert "| a second evaluate job compiles in <= 5 s | 9.5 s (without the cache: 10.3 s) | **miss** |" in table
+    assert "| 2x4 | auto: none | 157.0 s | 12.3 s | 95.7 s | 4,784 | 20.9 GiB | 11.6255 | 20.9 s (1.19 s) | empty |" in table
+    assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table  # session 4's
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
 
 
