@@ -138,9 +138,31 @@ class McqSourceConfig(_Section):
     name: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("test", description="Split to read.")
     limit: int | None = Field(None, gt=0, description="Use the first N rows.")
-    question_column: str = Field("question", description="Column holding the stem.")
-    options_column: str = Field("options", description="Column holding a {letter: text} mapping or a list.")
-    answer_column: str = Field("answer", description="Column holding the correct letter.")
+    format: Literal["auto", "medqa", "medmcqa", "pubmedqa", "mmlu", "columns"] = Field(
+        "auto",
+        description="Shape of the rows as published: medqa (question, options, answer_idx), medmcqa (question, "
+        "opa..opd, cop), pubmedqa (question, context, final_decision), mmlu (question, choices, answer), or columns "
+        "(the three *_column keys); auto = recognised from the columns, or columns when a *_column key is set.",
+    )
+    question_column: str | None = Field(None, description="format columns: column holding the stem (null = question).")
+    options_column: str | None = Field(
+        None, description="format columns: column holding a {letter: text} mapping or a list (null = options)."
+    )
+    answer_column: str | None = Field(
+        None, description="format columns: column holding the correct letter, index or option text (null = answer)."
+    )
+    answer_index_start: Literal[0, 1] | None = Field(
+        None, description="Whether integer answers count options from 0 or 1; null = 0 for mmlu, else read from the "
+        "rows (an index 0, or one equal to the number of options).",
+    )
+
+    @model_validator(mode="after")
+    def _columns_need_their_format(self) -> McqSourceConfig:
+        named = [k for k in ("question_column", "options_column", "answer_column") if getattr(self, k)]
+        if named and self.format not in ("auto", "columns"):
+            raise ValueError(f"{', '.join(named)} apply to format 'columns', not '{self.format}': remove them, or "
+                             "set format: columns")
+        return self
 
 
 class EvalConfig(_Section):

@@ -125,8 +125,12 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
+    elif isinstance(obj, dict) and obj and all(isinstance(r, dict) for r in obj.values()):
+        # Rows keyed by their id, as PubMedQA publishes them (ori_pqal.json: {PMID: row}).
+        obj = [{"id": key, **row} for key, row in obj.items()]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-        raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}}); for one object per line use .jsonl")
+        raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}}, or rows keyed by id); "
+                        "for one object per line use .jsonl")
     return obj
 
 

@@ -13,14 +13,14 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from medcot.config import McqSourceConfig, RunConfig
-from medcot.data import DataError, Example, data_inputs, prepare, read_rows, tokenize_example
+from medcot.data import Example, data_inputs, prepare, tokenize_example
+from medcot.mcq import read_mcq
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
 from medcot.progress import Progress
 from medcot.prompts import inference_prompt, mcq_question, parse_generation
@@ -48,26 +48,10 @@ def heldout_items(examples: list[Example], limit: int | None) -> list[EvalItem]:
 
 
 def mcq_items(source: McqSourceConfig) -> list[EvalItem]:
-    """Multiple-choice rows as prompts; options may be a {letter: text} mapping or a list (lettered A, B, ...)."""
-    rows, label = read_rows(source.path, source.name, source.split, None, source.limit)
-    name = Path(source.path).stem if Path(source.path).suffix else source.path
-    items = []
-    for i, row in enumerate(rows):
-        for key in (source.question_column, source.options_column, source.answer_column):
-            if key not in row:
-                raise DataError(f"{label}: row {i} has no '{key}' column; set the eval.mcq column names for this source")
-        options = row[source.options_column]
-        if isinstance(options, list):
-            options = {chr(ord("A") + j): str(text) for j, text in enumerate(options)}
-        if not isinstance(options, dict) or not options:
-            raise DataError(f"{label}: row {i}: '{source.options_column}' must be a mapping of letters to option texts or a list")
-        options = {str(k).strip().upper(): str(v) for k, v in options.items()}
-        answer = str(row[source.answer_column]).strip().upper()
-        if answer not in options:
-            raise DataError(f"{label}: row {i}: answer {answer!r} is not one of the options {', '.join(options)}")
-        items.append(EvalItem(f"mcq:{name}:{row.get('id', i)}", f"mcq:{name}", mcq_question(row[source.question_column], options),
-                              options=options, correct_choice=answer))
-    return items
+    """Multiple-choice rows, in the shape their benchmark publishes them (medcot.mcq), as prompts."""
+    name, rows = read_mcq(source)
+    return [EvalItem(f"mcq:{name}:{row.id}", f"mcq:{name}", mcq_question(row.stem, row.options), options=row.options,
+                     correct_choice=row.answer) for row in rows]
 
 
 def eval_items(config: RunConfig, heldout: list[Example]) -> list[EvalItem]:
