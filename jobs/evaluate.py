@@ -23,9 +23,10 @@ def main() -> int:
     config, args = parse_job_args("evaluate", __doc__, extra=add_stage)
     from medcot.data import DataError
     from medcot.modeling import BackendError, plan_eval_model, select_backend
+    from medcot.prompts import TemplateError
     from medcot.rundir import StageError
 
-    register_user_error(DataError, BackendError, StageError)
+    register_user_error(DataError, BackendError, StageError, TemplateError)
     model_config, _ = plan_eval_model(config)  # eval.weights: 4-bit or 16-bit, by the GPU's free memory
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers loads
     from medcot.evaluate import evaluate_stage

@@ -14,9 +14,10 @@ from medcot.cli import parse_job_args, register_user_error, run_job  # noqa: E40
 def main() -> int:
     config, args = parse_job_args("merge", __doc__)
     from medcot.modeling import BackendError, select_backend
+    from medcot.prompts import TemplateError
     from medcot.rundir import StageError
 
-    register_user_error(BackendError, StageError)
+    register_user_error(BackendError, StageError, TemplateError)
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
     from medcot.merge import merge_stage
 

@@ -59,6 +59,12 @@ class DataConfig(_Section):
     split: str = Field("train", description="Dataset split to read.")
     revision: str | None = Field(None, description="Hub revision of the dataset.")
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    template: Literal["recipe", "chat"] = Field(
+        "recipe",
+        description="Text the model trains on and answers: recipe = the reference recipe's instruction template "
+        "(medcot.prompts), closed by the tokenizer's EOS; chat = the tokenizer's own chat template, the prompt a chat "
+        "endpoint (vLLM, TGI, Ollama) sends, closed by the token that ends the template's assistant turn.",
+    )
     train_rows: int | None = Field(
         500, gt=0, description="Train on the first N rows of the split (null = every row not held out)."
     )
@@ -109,7 +115,8 @@ class TrainingConfig(_Section):
     save_steps: int = Field(20, gt=0, description="Checkpoint every N optimizer steps (resume point after a crash).")
     save_total_limit: int = Field(2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a cut-off save).")
     loss_on: Literal["all", "response"] = Field(
-        "all", description="Supervise the whole text (as the recipe) or only the response after '### Response:'."
+        "all", description="Supervise the whole text (as the recipe) or only what the model writes after the prompt "
+        "('### Response:' of the recipe, the assistant's turn of the chat template)."
     )
     packing: bool = Field(False, description="Pack rows into full-length sequences (changes rows per step).")
     padding_free: bool | None = Field(

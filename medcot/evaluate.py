@@ -1,4 +1,4 @@
-"""The evaluate job: answer held-out, showcase and multiple-choice questions with the inference prompt,
+"""The evaluate job: answer held-out, showcase and multiple-choice questions with the serving prompt (data.template),
 score the answers, and measure the held-out loss of the reference reasoning (teacher-forced).
 
 `before` evaluates the base model, `after` the base plus the trained adapter; both see the same
@@ -23,7 +23,7 @@ from medcot.data import Example, data_inputs, prepare, tokenize_example
 from medcot.mcq import read_mcq
 from medcot.modeling import Runtime, load_tokenizer, load_with_adapter, resolve_model_path
 from medcot.progress import Progress
-from medcot.prompts import inference_prompt, mcq_question, parse_generation
+from medcot.prompts import answer_end_id, mcq_question, parse_generation, serving_prompt
 from medcot.resources import SplitState, resource_errors, split_on_oom
 from medcot.rundir import RunDir, StageError, write_json
 
@@ -90,9 +90,13 @@ class _DecodeSteps(BaseStreamer):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
-             temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate") -> tuple[list[dict], float]:
+             temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate",
+             add_special_tokens: bool = True, stop_ids: tuple[int, ...] = ()) -> tuple[list[dict], float]:
     """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
     similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
+
+    `add_special_tokens=False` for prompts that carry their own (a rendered chat template); `stop_ids`: tokens that
+    end an answer besides the EOS of the tokenizer and of the generation config.
     """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -100,14 +104,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = sorted(set(_eos_ids(model, tokenizer)) | set(stop_ids))
     t0 = time.monotonic()
     split = SplitState()
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     # In decoding steps: each batch takes at most max_new_tokens; one that ends early skips the rest of its share.
     progress = Progress(f"{desc} ({len(prompts)} answers, batch {batch_size})", len(batches) * max_new_tokens, "steps")
     for idx in batches:
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(device)
         steps = _DecodeSteps(progress, eos_ids)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
                                   "eos_token_id": eos_ids, "streamer": steps}
@@ -150,14 +155,15 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: int) -> list[tuple[float, int]]:
-    """(sum of NLL, token count) of the reference `<think>` reasoning, answer and EOS given the prompt."""
+def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: int,
+                         template: str = "recipe") -> list[tuple[float, int]]:
+    """(sum of NLL, token count) of the reference `<think>` reasoning, answer and end token given the prompt."""
     device = next(model.parameters()).device
     losses = []
     split = SplitState()
     progress = Progress(f"held-out loss ({len(examples)} rows, batch {batch_size})", len(examples), "rows")
     for start in range(0, len(examples), batch_size):
-        encoded = [tokenize_example(ex, tokenizer) for ex in examples[start:start + batch_size]]
+        encoded = [tokenize_example(ex, tokenizer, template) for ex in examples[start:start + batch_size]]
         width = max(len(e["input_ids"]) for e in encoded)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -230,14 +236,18 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         log.info("%s: model%s loaded in %.1f s", name, " + adapter" if adapter else "", time.monotonic() - t0)
 
         loss_batch = config.eval.loss_batch_size or config.eval.batch_size
-        losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch) if data.heldout else None
+        template = config.data.template
+        losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch, template) if data.heldout else None
         if losses:
             total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
             log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
 
         outputs, seconds = generate(
-            model, tokenizer, [inference_prompt(i.question) for i in items], max_new_tokens=config.eval.max_new_tokens,
-            batch_size=config.eval.batch_size, do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name,
+            model, tokenizer, [serving_prompt(template, tokenizer, i.question) for i in items],
+            max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size, do_sample=config.eval.do_sample,
+            temperature=config.eval.temperature, desc=name,
+            # A rendered chat template holds its own BOS, and its answers end with the end of the assistant's turn.
+            add_special_tokens=template != "chat", stop_ids=(answer_end_id(template, tokenizer),),
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
