@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medcot.secrets import redact
 
@@ -208,6 +208,34 @@ class EvalConfig(_Section):
     mcq: list[McqSourceConfig] = Field(default_factory=list, description="Multiple-choice benchmarks to score.")
 
 
+class LmEvalConfig(_Section):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups to run (medqa_4options, medmcqa, pubmedqa, "
+        "mmlu_clinical_knowledge, multimedqa, ... or a local task); a comma-separated string works too "
+        "(make lm-eval TASKS=medqa_4options,pubmedqa).",
+    )
+    include_path: str | None = Field(None, description="Folder of local task YAML files (the harness's --include_path).")
+    model: Literal["auto", "merged", "adapter"] = Field(
+        "auto", description="merged = the merge job's folder (what is served); adapter = base + the trained adapter "
+        "(peft); auto = merged when the merge stage is published, else adapter.",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question (null = each task's own).")
+    limit: int | None = Field(
+        None, gt=0, description="Score only the first N documents of each task: a quick check, not the benchmark's score."
+    )
+    batch_size: int | Literal["auto"] = Field(8, description="The harness's batch size, or auto.")
+    apply_chat_template: bool = Field(
+        False, description="Wrap each question in the tokenizer's chat template (the harness's --apply_chat_template); "
+        "published scores of multiple-choice tasks mostly leave it off.",
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
 class MergeConfig(_Section):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the merged weights.")
 
@@ -238,6 +266,7 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     push: PushConfig = Field(default_factory=PushConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
