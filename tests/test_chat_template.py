@@ -87,3 +87,15 @@ def test_chat_heldout_loss_is_the_models_own_loss_on_the_answer_tokens(tiny_conf
     with torch.no_grad():
         reference = model(input_ids=ids, labels=labels).loss.item()
     assert count == sum(encoded["completion_mask"]) and total / count == pytest.approx(reference, rel=1e-5)
+
+
+def test_evaluate_job_with_the_chat_template_sends_each_question_as_a_server_would(tiny_config, tiny_r1):
+    import json
+
+    from medcot.evaluate import evaluate_stage
+
+    config = load_config(None, tiny_config(f"model.name={tiny_r1}", "data.template=chat", "eval.heldout_limit=1"))
+    assert evaluate_stage(config, select_backend(config.model), "before") == 0
+    rows = [json.loads(line) for line in (config.run_dir / "eval-before" / "generations.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_r1)
+    assert [r["prompt_tokens"] for r in rows] == [len(server_prompt_ids(tokenizer, r["question"])) for r in rows]
