@@ -51,8 +51,8 @@ def sample_rows(n: int) -> list[dict]:
 def test_the_harness_scores_the_merged_demo_model_as_plain_transformers_does(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the local task's data path is relative to the repository root
     config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"output_dir={tmp_path}", "training.max_steps=2", "training.save_steps=2", f"lm_eval.tasks={TASK}",
-        "lm_eval.limit=8", "model.dtype=float32"])  # fp32: the harness's log-likelihoods and ours agree to the digit
+        f"output_dir={tmp_path}", "training.max_steps=1", "training.save_steps=1", f"lm_eval.tasks={TASK}",
+        "lm_eval.limit=4", "model.dtype=float32"])  # fp32: the harness's log-likelihoods and ours agree to the digit
     runtime = select_backend(config.model)
     assert train_stage(config, runtime) == 0 and merge_stage(config, runtime) == 0
 
@@ -62,8 +62,8 @@ def test_the_harness_scores_the_merged_demo_model_as_plain_transformers_does(tmp
     results = json.loads((stage / "results.json").read_text())
     merged = config.run_dir / "merge" / "model"
     assert results["config"]["model_args"]["pretrained"] == str(merged)
-    assert results["n-samples"][TASK]["effective"] == 8
-    assert results["results"][TASK]["acc,none"] == pytest.approx(own_accuracy(merged, sample_rows(8)))
+    assert results["n-samples"][TASK]["effective"] == 4
+    assert results["results"][TASK]["acc,none"] == pytest.approx(own_accuracy(merged, sample_rows(4)))
     summary = json.loads((stage / "summary.json").read_text())
     assert summary["model"] == "merged" and (stage / "manifest.json").is_file()
 
