@@ -361,9 +361,10 @@ def describe(config: RunConfig) -> str:
                 lines.append(f"\n[{key}]")
                 walk(value, key + ".")
             else:
-                shown = json.dumps(value) if not isinstance(value, str) else value
                 if isinstance(value, list) and value and isinstance(value[0], BaseModel):
                     shown = json.dumps([v.model_dump() for v in value])
+                else:
+                    shown = json.dumps(value) if not isinstance(value, str) else value
                 lines.append(f"  {key} = {shown}\n      {field.description or ''}")
 
     walk(config, "")
