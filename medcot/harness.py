@@ -99,8 +99,8 @@ def scores(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            metric, scored, filt = key.partition(",")  # "acc,none": a metric under a filter; bare keys are counts
+            if not scored or metric.endswith("_stderr") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             n = results.get("n-samples", {}).get(task, {})
