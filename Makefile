@@ -11,6 +11,8 @@ DEMO_CONFIG ?= configs/demo.yaml
 RUN_NAME ?=
 STAGE ?= after
 ARGS ?=
+# lm-evaluation-harness tasks for `make lm-eval`, comma-separated (lm_eval.tasks in the config otherwise).
+TASKS ?=
 # torch is installed first and pinned, so that no dependency resolves a bare `torch` to a multi-GB CUDA
 # build on a CPU machine. GPU machines and the image take the lock's torch instead (docker/requirements.lock).
 TORCH_VERSION ?= 2.13.0
@@ -25,7 +27,7 @@ NPROC ?= 1
 GPUS ?= $(NPROC)
 TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 
-.PHONY: help setup setup-gpu demo train evaluate merge push preflight report test test-containers lint bench
+.PHONY: help setup setup-gpu demo train evaluate merge lm-eval push preflight report test test-containers lint bench
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -94,6 +96,9 @@ evaluate: setup  ## evaluate STAGE=before|after with CONFIG
 
 merge: setup  ## merge the trained adapter into 16-bit weights
 	$(PY) jobs/merge.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
+lm-eval: setup  ## lm-evaluation-harness on the merged model (or base + adapter): TASKS=medqa_4options,pubmedqa
+	$(PY) jobs/harness.py --config $(CONFIG) $(RUN_ARGS) $(if $(TASKS),lm_eval.tasks=$(TASKS)) $(ARGS)
 
 push: setup  ## publish adapter/merged model to the Hub (push.repo_id in the config)
 	$(PY) jobs/push.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)

@@ -25,9 +25,10 @@ def main() -> int:
     from medcot.data import DataError
     from medcot.merge import merged_model_config
     from medcot.modeling import BackendError, plan_eval_model, select_backend
+    from medcot.prompts import TemplateError
     from medcot.rundir import StageError
 
-    register_user_error(DataError, BackendError, StageError)
+    register_user_error(DataError, BackendError, StageError, TemplateError)
     evaluated = merged_model_config(config) if args.stage == "after" else config
     model_config, _ = plan_eval_model(evaluated)  # eval.weights: 4-bit or 16-bit, by the GPU's free memory
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers loads

@@ -14,9 +14,10 @@ from medcot.cli import parse_job_args, register_user_error, run_job  # noqa: E40
 def main() -> int:
     config, args = parse_job_args("merge", __doc__)
     from medcot.modeling import BackendError, select_backend
+    from medcot.prompts import TemplateError
     from medcot.rundir import StageError
 
-    register_user_error(BackendError, StageError)
+    register_user_error(BackendError, StageError, TemplateError)
     # peft on the full-precision base whatever trained the adapter: the merge never imports Unsloth.
     runtime = select_backend(config.model.model_copy(update={"backend": "transformers", "load_in_4bit": False}))
     from medcot.merge import merge_stage

@@ -19,9 +19,10 @@ def main() -> int:
     config, args = parse_job_args("train", __doc__)
     from medcot.data import DataError
     from medcot.modeling import BackendError, select_backend
+    from medcot.prompts import TemplateError
     from medcot.rundir import StageError
 
-    register_user_error(DataError, BackendError, StageError)
+    register_user_error(DataError, BackendError, StageError, TemplateError)
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
     from medcot.training import train_stage
 

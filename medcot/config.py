@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medcot.secrets import redact
 
@@ -59,6 +67,12 @@ class DataConfig(_Section):
     split: str = Field("train", description="Dataset split to read.")
     revision: str | None = Field(None, description="Hub revision of the dataset.")
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    template: Literal["recipe", "chat"] = Field(
+        "recipe",
+        description="Text the model trains on and answers: recipe = the reference recipe's instruction template "
+        "(medcot.prompts), closed by the tokenizer's EOS; chat = the tokenizer's own chat template, the prompt a chat "
+        "endpoint (vLLM, TGI, Ollama) sends, closed by the token that ends the template's assistant turn.",
+    )
     train_rows: int | None = Field(
         500, gt=0, description="Train on the first N rows of the split (null = every row not held out)."
     )
@@ -109,7 +123,8 @@ class TrainingConfig(_Section):
     save_steps: int = Field(20, gt=0, description="Checkpoint every N optimizer steps (resume point after a crash).")
     save_total_limit: int = Field(2, ge=2, description="Complete checkpoints kept (at least 2, so one survives a cut-off save).")
     loss_on: Literal["all", "response"] = Field(
-        "all", description="Supervise the whole text (as the recipe) or only the response after '### Response:'."
+        "all", description="Supervise the whole text (as the recipe) or only what the model writes after the prompt "
+        "('### Response:' of the recipe, the assistant's turn of the chat template)."
     )
     packing: bool = Field(False, description="Pack rows into full-length sequences (changes rows per step).")
     padding_free: bool | None = Field(
@@ -138,9 +153,31 @@ class McqSourceConfig(_Section):
     name: str | None = Field(None, description="Hub dataset config name.")
     split: str = Field("test", description="Split to read.")
     limit: int | None = Field(None, gt=0, description="Use the first N rows.")
-    question_column: str = Field("question", description="Column holding the stem.")
-    options_column: str = Field("options", description="Column holding a {letter: text} mapping or a list.")
-    answer_column: str = Field("answer", description="Column holding the correct letter.")
+    format: Literal["auto", "medqa", "medmcqa", "pubmedqa", "mmlu", "columns"] = Field(
+        "auto",
+        description="Shape of the rows as published: medqa (question, options, answer_idx), medmcqa (question, "
+        "opa..opd, cop), pubmedqa (question, context, final_decision), mmlu (question, choices, answer), or columns "
+        "(the three *_column keys); auto = recognised from the columns, or columns when a *_column key is set.",
+    )
+    question_column: str | None = Field(None, description="format columns: column holding the stem (null = question).")
+    options_column: str | None = Field(
+        None, description="format columns: column holding a {letter: text} mapping or a list (null = options)."
+    )
+    answer_column: str | None = Field(
+        None, description="format columns: column holding the correct letter, index or option text (null = answer)."
+    )
+    answer_index_start: Literal[0, 1] | None = Field(
+        None, description="Whether integer answers count options from 0 or 1; null = 0 for mmlu, else read from the "
+        "rows (an index 0, or one equal to the number of options).",
+    )
+
+    @model_validator(mode="after")
+    def _columns_need_their_format(self) -> McqSourceConfig:
+        named = [k for k in ("question_column", "options_column", "answer_column") if getattr(self, k)]
+        if named and self.format not in ("auto", "columns"):
+            raise ValueError(f"{', '.join(named)} apply to format 'columns', not '{self.format}': remove them, or "
+                             "set format: columns")
+        return self
 
 
 class EvalConfig(_Section):
@@ -185,6 +222,34 @@ class EvalConfig(_Section):
     mcq: list[McqSourceConfig] = Field(default_factory=list, description="Multiple-choice benchmarks to score.")
 
 
+class LmEvalConfig(_Section):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups to run (medqa_4options, medmcqa, pubmedqa, "
+        "mmlu_clinical_knowledge, multimedqa, ... or a local task); a comma-separated string works too "
+        "(make lm-eval TASKS=medqa_4options,pubmedqa).",
+    )
+    include_path: str | None = Field(None, description="Folder of local task YAML files (the harness's --include_path).")
+    model: Literal["auto", "merged", "adapter"] = Field(
+        "auto", description="merged = the merge job's folder (what is served); adapter = base + the trained adapter "
+        "(peft); auto = merged when the merge stage is published, else adapter.",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per question (null = each task's own).")
+    limit: int | None = Field(
+        None, gt=0, description="Score only the first N documents of each task: a quick check, not the benchmark's score."
+    )
+    batch_size: int | Literal["auto"] = Field(8, description="The harness's batch size, or auto.")
+    apply_chat_template: bool = Field(
+        False, description="Wrap each question in the tokenizer's chat template (the harness's --apply_chat_template); "
+        "published scores of multiple-choice tasks mostly leave it off.",
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
+
+
 class MergeConfig(_Section):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the merged weights.")
 
@@ -215,6 +280,7 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     push: PushConfig = Field(default_factory=PushConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -309,9 +375,10 @@ def describe(config: RunConfig) -> str:
                 lines.append(f"\n[{key}]")
                 walk(value, key + ".")
             else:
-                shown = json.dumps(value) if not isinstance(value, str) else value
                 if isinstance(value, list) and value and isinstance(value[0], BaseModel):
                     shown = json.dumps([v.model_dump() for v in value])
+                else:
+                    shown = json.dumps(value) if not isinstance(value, str) else value
                 lines.append(f"  {key} = {shown}\n      {field.description or ''}")
 
     walk(config, "")

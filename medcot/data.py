@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from medcot.config import ColumnsConfig, DataConfig, RunConfig
-from medcot.prompts import TEMPLATE_MARKERS, THINK_CLOSE, THINK_OPEN, split_training_text
+from medcot.prompts import (
+    TEMPLATE_MARKERS,
+    THINK_CLOSE,
+    THINK_OPEN,
+    answer_end_id,
+    split_chat_text,
+    split_training_text,
+)
 from medcot.rundir import hash_tree
 
 log = logging.getLogger(__name__)
@@ -125,8 +132,12 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
+    elif isinstance(obj, dict) and obj and all(isinstance(r, dict) for r in obj.values()):
+        # Rows keyed by their id, as PubMedQA publishes them (ori_pqal.json: {PMID: row}).
+        obj = [{"id": key, **row} for key, row in obj.items()]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-        raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}}); for one object per line use .jsonl")
+        raise DataError(f"{path}: expected a JSON list of row objects (or {{\"data\": [...]}}, or rows keyed by id); "
+                        "for one object per line use .jsonl")
     return obj
 
 
@@ -257,7 +268,7 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int) -> PreparedData:
             report.drop("duplicate question", index)
             continue
         seen.add(key)
-        n_tokens = len(tokenize_example(ex, tokenizer)["input_ids"])
+        n_tokens = len(tokenize_example(ex, tokenizer, cfg.template)["input_ids"])
         if n_tokens > max_seq_length:
             report.drop(f"longer than max_seq_length ({max_seq_length} tokens)", index)
             continue
@@ -281,16 +292,26 @@ def prepare(cfg: DataConfig, tokenizer, max_seq_length: int) -> PreparedData:
     return PreparedData(train=train, heldout=heldout, report=report)
 
 
-def tokenize_example(ex: Example, tokenizer) -> dict[str, list[int]]:
-    """input_ids of the training text with EOS as the last token, and a mask of the completion tokens.
+def tokenize_example(ex: Example, tokenizer, template: str = "recipe") -> dict[str, list[int]]:
+    """input_ids of the training text with its end token last, and a mask of the completion tokens.
 
-    The EOS id is appended as a token, not as text, so the model is supervised to emit exactly the id
-    that generation stops on. The completion starts where the tokenized prompt and the tokenized whole
-    text diverge (the prompt ends on a newline, so this is the token after `### Response:\\n`).
+    The end token (the tokenizer's EOS for the recipe, the end of the assistant's turn for the chat template) is
+    appended as a token, not as text, so the model is supervised to emit exactly the id that generation stops on.
+    Recipe: the completion starts where the tokenized prompt and the tokenized whole text diverge (the prompt ends on a
+    newline, so this is the token after `### Response:\\n`). Chat: the prompt's tokens are the rendered serving
+    prompt's, as a server tokenizes it (without adding special tokens: the template writes its own), and the
+    completion is tokenized after them.
     """
+    end = answer_end_id(template, tokenizer)
+    if template == "chat":
+        prompt, completion = split_chat_text(tokenizer, ex.question, ex.cot, ex.response)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end]
+        return {"input_ids": prompt_ids + completion_ids,
+                "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
     prompt, completion = split_training_text(ex.question, ex.cot, ex.response, eos_token="")
     prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + completion)["input_ids"] + [tokenizer.eos_token_id]
+    ids = tokenizer(prompt + completion)["input_ids"] + [end]
     n_prompt = 0
     while n_prompt < len(prompt_ids) and prompt_ids[n_prompt] == ids[n_prompt]:
         n_prompt += 1

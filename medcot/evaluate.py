@@ -1,4 +1,4 @@
-"""The evaluate job: answer held-out, showcase and multiple-choice questions with the inference prompt,
+"""The evaluate job: answer held-out, showcase and multiple-choice questions with the serving prompt (data.template),
 score the answers, and measure the held-out loss of the reference reasoning (teacher-forced).
 
 `before` evaluates the base model, `after` the merge job's folder (the base with the trained adapter folded in, the
@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
 from medcot.config import McqSourceConfig, RunConfig
-from medcot.data import DataError, Example, data_inputs, prepare, read_rows, tokenize_example
+from medcot.data import Example, data_inputs, prepare, tokenize_example
+from medcot.mcq import read_mcq
 from medcot.merge import merged_model_config
 from medcot.modeling import (
     AUTO_LOSS_BATCH,
@@ -33,7 +33,7 @@ from medcot.modeling import (
     resolve_model_path,
 )
 from medcot.progress import Progress
-from medcot.prompts import inference_prompt, mcq_question, parse_generation
+from medcot.prompts import answer_end_id, mcq_question, parse_generation, serving_prompt
 from medcot.resources import SplitState, resource_errors, split_on_oom
 from medcot.rundir import RunDir, StageError, write_json
 
@@ -58,26 +58,10 @@ def heldout_items(examples: list[Example], limit: int | None) -> list[EvalItem]:
 
 
 def mcq_items(source: McqSourceConfig) -> list[EvalItem]:
-    """Multiple-choice rows as prompts; options may be a {letter: text} mapping or a list (lettered A, B, ...)."""
-    rows, label = read_rows(source.path, source.name, source.split, None, source.limit)
-    name = Path(source.path).stem if Path(source.path).suffix else source.path
-    items = []
-    for i, row in enumerate(rows):
-        for key in (source.question_column, source.options_column, source.answer_column):
-            if key not in row:
-                raise DataError(f"{label}: row {i} has no '{key}' column; set the eval.mcq column names for this source")
-        options = row[source.options_column]
-        if isinstance(options, list):
-            options = {chr(ord("A") + j): str(text) for j, text in enumerate(options)}
-        if not isinstance(options, dict) or not options:
-            raise DataError(f"{label}: row {i}: '{source.options_column}' must be a mapping of letters to option texts or a list")
-        options = {str(k).strip().upper(): str(v) for k, v in options.items()}
-        answer = str(row[source.answer_column]).strip().upper()
-        if answer not in options:
-            raise DataError(f"{label}: row {i}: answer {answer!r} is not one of the options {', '.join(options)}")
-        items.append(EvalItem(f"mcq:{name}:{row.get('id', i)}", f"mcq:{name}", mcq_question(row[source.question_column], options),
-                              options=options, correct_choice=answer))
-    return items
+    """Multiple-choice rows, in the shape their benchmark publishes them (medcot.mcq), as prompts."""
+    name, rows = read_mcq(source)
+    return [EvalItem(f"mcq:{name}:{row.id}", f"mcq:{name}", mcq_question(row.stem, row.options), options=row.options,
+                     correct_choice=row.answer) for row in rows]
 
 
 def eval_items(config: RunConfig, heldout: list[Example]) -> list[EvalItem]:
@@ -127,10 +111,14 @@ class _DecodeSteps(BaseStreamer):
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
              temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate",
+             add_special_tokens: bool = True, stop_ids: tuple[int, ...] = (),
              stats: dict[str, float] | None = None) -> tuple[list[dict], float]:
     """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
-    similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent;
-    `stats`, when given, receives `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches).
+    similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
+
+    `add_special_tokens=False` for prompts that carry their own (a rendered chat template); `stop_ids`: tokens that
+    end an answer besides the EOS of the tokenizer and of the generation config; `stats`, when given, receives
+    `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches).
     """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -138,7 +126,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[dict | None] = [None] * len(prompts)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = sorted(set(_eos_ids(model, tokenizer)) | set(stop_ids))
     t0 = time.monotonic()
     split = SplitState()
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -150,7 +138,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     warmup = 0.0
     for idx in batches:
         texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
         steps = _DecodeSteps(progress, eos_ids, len(idx))
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
                                   "eos_token_id": eos_ids, "streamer": steps}
@@ -196,14 +184,15 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: int) -> list[tuple[float, int]]:
-    """(sum of NLL, token count) of the reference `<think>` reasoning, answer and EOS given the prompt."""
+def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: int,
+                         template: str = "recipe") -> list[tuple[float, int]]:
+    """(sum of NLL, token count) of the reference `<think>` reasoning, answer and end token given the prompt."""
     device = next(model.parameters()).device
     losses = []
     split = SplitState()
     progress = Progress(f"held-out loss ({len(examples)} rows, batch {batch_size})", len(examples), "rows")
     for start in range(0, len(examples), batch_size):
-        encoded = [tokenize_example(ex, tokenizer) for ex in examples[start:start + batch_size]]
+        encoded = [tokenize_example(ex, tokenizer, template) for ex in examples[start:start + batch_size]]
         width = max(len(e["input_ids"]) for e in encoded)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -274,12 +263,13 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         model, tokenizer = load_with_adapter(evaluated, runtime, None)
         load_s = time.monotonic() - t0
         log.info("%s: %s loaded in %.1f s", name, evaluated.model.name, load_s)
-        prompts = [inference_prompt(i.question) for i in items]
-        batch, batch_why = _plan_batch(config, model, tokenizer, prompts)
+        template = config.data.template
+        prompts = [serving_prompt(template, tokenizer, i.question) for i in items]
+        batch, batch_why = _plan_batch(config, model, tokenizer, prompts, add_special_tokens=template != "chat")
         log.info("%s: eval.batch_size %s -> %d (%s)", name, config.eval.batch_size, batch, batch_why)
 
         loss_batch = config.eval.loss_batch_size or (min(batch, AUTO_LOSS_BATCH) if config.eval.batch_size == "auto" else batch)
-        losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch) if data.heldout else None
+        losses = heldout_token_losses(model, tokenizer, data.heldout, loss_batch, template) if data.heldout else None
         if losses:
             total = sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
             log.info("%s: held-out loss %.4f (perplexity %.2f) over %d rows", name, total, math.exp(total), len(losses))
@@ -288,6 +278,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
         outputs, seconds = generate(
             model, tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens, batch_size=batch,
             do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name, stats=stats,
+            # A rendered chat template holds its own BOS, and its answers end with the end of the assistant's turn.
+            add_special_tokens=template != "chat", stop_ids=(answer_end_id(template, tokenizer),),
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
@@ -307,10 +299,10 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     return 0
 
 
-def _plan_batch(config: RunConfig, model, tokenizer, prompts: list[str]) -> tuple[int, str]:
+def _plan_batch(config: RunConfig, model, tokenizer, prompts: list[str], add_special_tokens: bool) -> tuple[int, str]:
     """eval.batch_size resolved for this model, on this device, for these prompts (see plan_eval_batch)."""
     device = next(model.parameters()).device
-    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"])
+    longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"])
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     dtype_bytes = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 2
     return plan_eval_batch(config, model.config.to_dict(), questions=len(prompts), prompt_tokens=longest,

@@ -4,6 +4,8 @@
 peft's `merge_and_unload` on the full-precision base (merging into a 4-bit base would bake its quantisation error
 into the weights), whichever backend trained the adapter: Unsloth saves a plain peft adapter, and a 16-bit merge
 needs none of its kernels (its import alone took 31 s of the merge job's 105 s on the 8B model, BENCHMARKS.md).
+The folder's tokenizer and generation_config.json then name the token the model was trained to end its
+answers with.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, GenerationConfig
 
 from medcot.config import RunConfig, save_config
 from medcot.modeling import Runtime, free_gpu_bytes, load_tokenizer, parameter_count, resolve_model_path
+from medcot.prompts import answer_end_id
 from medcot.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,35 @@ def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_di
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
     load_tokenizer(str(adapter_dir)).save_pretrained(str(out_dir))
+    carry_answer_end(out_dir, config.data.template)
+
+
+def carry_answer_end(folder: Path, template: str) -> int:
+    """Make a model folder's tokenizer EOS and generation_config.json's eos_token_id name the token the model was
+    trained to end its answers with (medcot.prompts.answer_end_id), and return its id.
+
+    A server stops where these say: vLLM and TGI on generation_config's eos_token_id (a list), llama.cpp's converter
+    (Ollama) on the tokenizer's EOS. A chat template can close turns with another token than the EOS (Llama 3's first
+    releases: <|eot_id|> against <|end_of_text|>); a model served without it never stops.
+    """
+    tokenizer = load_tokenizer(str(folder))
+    end = answer_end_id(template, tokenizer)
+    token = tokenizer.convert_ids_to_tokens(end)
+    if tokenizer.eos_token != token:
+        log.info("merge: the tokenizer's EOS becomes %s (was %s), the token training ended answers with", token,
+                 tokenizer.eos_token)
+        tokenizer.eos_token = token
+        tokenizer.save_pretrained(str(folder))
+    if (folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(str(folder))
+    else:
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(folder)))
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if end not in eos:
+        generation.eos_token_id = [*eos, end] if eos else end
+        generation.save_pretrained(str(folder))
+    return end
 
 
 def merged_model_config(config: RunConfig) -> RunConfig:

@@ -1,12 +1,13 @@
-"""The recipe's prompt templates, verbatim, and the parsing of what a model writes back."""
+"""The prompts a model trains on and answers: the recipe's templates, verbatim (`data.template: recipe`), or the
+tokenizer's own chat template (`data.template: chat`, what a chat endpoint sends); and the parsing of what a model
+writes back."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Verbatim from the reference recipe; tests compare them byte for byte. Training text is built from
-# these, not from the model's chat template: R1-Distill's template strips everything before `</think>`
-# from assistant turns, which would delete the chain of thought we train on.
+# Verbatim from the reference recipe; tests compare them byte for byte. With `data.template: recipe` training text is
+# built from these, not from the model's chat template.
 _HEADER = """Below is an instruction that describes a task, paired with an input that provides further context.
 Write a response that appropriately completes the request.
 Before answering, think carefully about the question and create a step-by-step chain of thoughts to ensure a logical and accurate response.
@@ -47,6 +48,69 @@ def split_training_text(question: str, cot: str, response: str, eos_token: str) 
 def training_text(question: str, cot: str, response: str, eos_token: str) -> str:
     prompt, completion = split_training_text(question, cot, response, eos_token)
     return prompt + completion
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot serve as `data.template: chat`; the message says why and what to use."""
+
+
+# Stands for an answer when the chat template renders a conversation, so that what follows it can be found.
+_PROBE = "MEDCOT-ANSWER-PROBE"
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not tokenizer.chat_template:
+        raise TemplateError(f"data.template is chat, but the tokenizer of {tokenizer.name_or_path} has no chat template; "
+                            "set data.template: recipe")
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """What a chat endpoint (vLLM, TGI, Ollama) renders for one user message: the tokenizer's chat template with the
+    assistant's turn opened. R1-Distill's ends with `<think>` and a newline."""
+    _require_chat_template(tokenizer)
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def chat_turn_end(tokenizer) -> int:
+    """The token with which the chat template closes an assistant turn: the one the model learns to end its answer
+    with, and the one a server stops on."""
+    _require_chat_template(tokenizer)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _PROBE}], tokenize=False)
+    after = rendered.rpartition(_PROBE)[2] if _PROBE in rendered else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
+        raise TemplateError(f"the chat template of {tokenizer.name_or_path} closes an assistant turn with {after!r}, "
+                            "not a special token that generation could stop on; set data.template: recipe")
+    return ids[0]
+
+
+def split_chat_text(tokenizer, question: str, cot: str, response: str) -> tuple[str, str]:
+    """(serving prompt, completion) of a training row under the chat template; the completion stops before the
+    token that closes the turn (chat_turn_end), which is appended as a token.
+
+    The completion is built, not rendered: R1-Distill's template strips everything before `</think>` from assistant
+    turns, which would delete the chain of thought we train on. It is what the model writes after the serving prompt:
+    the reasoning, `</think>` and the answer, with the `<think>` opening left out where the prompt already holds it.
+    """
+    prompt = chat_prompt(tokenizer, question)
+    completion = f"{THINK_OPEN}\n{cot}\n{THINK_CLOSE}\n{response}"
+    for opened in (THINK_OPEN + "\n", THINK_OPEN):
+        if prompt.endswith(opened):
+            return prompt, completion[len(opened):]
+    return prompt, completion
+
+
+def serving_prompt(template: str, tokenizer, question: str) -> str:
+    """The prompt a model answers under `data.template` (recipe or chat)."""
+    return chat_prompt(tokenizer, question) if template == "chat" else inference_prompt(question)
+
+
+def answer_end_id(template: str, tokenizer) -> int:
+    """The token a trained answer ends with: the chat template's end of turn, or the tokenizer's EOS for the recipe."""
+    return chat_turn_end(tokenizer) if template == "chat" else tokenizer.eos_token_id
 
 
 def mcq_question(stem: str, options: dict[str, str]) -> str:

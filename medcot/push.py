@@ -259,16 +259,12 @@ Training:
 
 ## Prompt template
 
-Training and evaluation use this template; generation continues after `<think>`:
-
-```text
-{INFERENCE_TEMPLATE.format("{question}", "")}
-```
+{_prompt_section(config.data.template, repo_id)}
 
 ## Usage
 
 ```python
-{_usage_snippet(repo_id, base, what, config.eval.max_new_tokens)}
+{_usage_snippet(repo_id, base, what, config.eval.max_new_tokens, config.data.template)}
 ```
 
 ## Intended use
@@ -290,8 +286,23 @@ communication, or any decision about health.
     return redact(card)
 
 
-def _usage_snippet(repo_id: str, base: str, what: list[str], max_new_tokens: int) -> str:
-    template = INFERENCE_TEMPLATE.format("{}", "")
+def _prompt_section(template: str, repo_id: str) -> str:
+    """How to prompt the model as it was trained, and so how to serve it."""
+    if template == "chat":
+        return (f"Trained on its tokenizer's own chat template (medcot's `data.template: chat`): the question is the "
+                "user's message, and the prompt is what `tokenizer.apply_chat_template(messages, "
+                "add_generation_prompt=True)` renders, which is what a chat endpoint sends. Serve it with any of them "
+                f"(`vllm serve {repo_id}`, TGI, or Ollama after a GGUF conversion) and send the question as the "
+                "user's message. Each answer ends with the token that closes the template's assistant turn, which "
+                "`generation_config.json` and the tokenizer name as the end of sequence.")
+    return ("Training and evaluation use this template; generation continues after `<think>`:\n\n"
+            f"```text\n{INFERENCE_TEMPLATE.format('{question}', '')}\n```\n\n"
+            "The model learned this prompt, not its tokenizer's chat template: serve it through a completions "
+            "endpoint (vLLM's `/v1/completions`, TGI's `/generate`) with this text. A chat endpoint would wrap the "
+            "question in the chat template, a prompt the model was never trained on.")
+
+
+def _usage_snippet(repo_id: str, base: str, what: list[str], max_new_tokens: int, template: str) -> str:
     if "merged" in what:
         load = (f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
                 f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", torch_dtype="auto", device_map="auto")')
@@ -301,13 +312,20 @@ def _usage_snippet(repo_id: str, base: str, what: list[str], max_new_tokens: int
                 f'base = AutoModelForCausalLM.from_pretrained("{base}", torch_dtype="auto", device_map="auto")\n'
                 f'model = PeftModel.from_pretrained(base, "{repo_id}")')
         imports = "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer"
+    question = "A 45-year-old presents with crushing chest pain radiating to the left arm. Next step?"
+    if template == "chat":
+        prompt = (f'messages = [{{"role": "user", "content": "{question}"}}]\n'
+                  'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",\n'
+                  '                                       return_dict=True).to(model.device)')
+    else:
+        prompt = (f'TEMPLATE = """{INFERENCE_TEMPLATE.format("{}", "")}"""\n'
+                  f'prompt = TEMPLATE.format("{question}")\n'
+                  'inputs = tokenizer(prompt, return_tensors="pt").to(model.device)')
     return f'''{imports}
 
 {load}
 
-TEMPLATE = """{template}"""
-prompt = TEMPLATE.format("A 45-year-old presents with crushing chest pain radiating to the left arm. Next step?")
-inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+{prompt}
 output = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
 print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))'''
 

@@ -6,7 +6,8 @@
 The evaluate job calls `report_if_ready` after each stage, so the report appears once both exist.
 
 It reads the published eval-before and eval-after stages (summary.json, generations.jsonl) and, when
-present, train/summary.json for the loss curve, and publishes the report folder atomically.
+present, train/summary.json for the loss curve and lm-eval/summary.json for the public benchmarks' scores, and
+publishes the report folder atomically.
 """
 
 from __future__ import annotations
@@ -144,10 +145,34 @@ def _unparseable_lines(before: Mapping[str, Any], after: Mapping[str, Any]) -> l
     return lines
 
 
+BENCHMARK_HEADER = ("task", "metric", "value", "± stderr", "shots", "documents")
+
+
+def _benchmarks(rd: RunDir) -> tuple[str, list[tuple[str, ...]]] | None:
+    """(a line on what was scored, one row per task and metric) of the lm-eval stage; None where it did not run."""
+    summary = rd.stage("lm-eval") / "summary.json"
+    if not rd.is_complete("lm-eval") or not summary.is_file():
+        return None
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    limit = (f" Only the first {data['limit']} documents of each task were scored: a check, not the benchmark's score."
+             if data.get("limit") else "")
+    weights = "the merge job's 16-bit folder" if data["model"] == "merged" else "the base model with the trained adapter"
+    line = f"Scored by lm-evaluation-harness on {weights} (make lm-eval).{limit}"
+    rows = [(r["task"], r["metric"] + ("" if r["filter"] == "none" else f" ({r['filter']})"), f"{r['value']:.3f}",
+             "" if r["stderr"] is None else f"{r['stderr']:.3f}", "" if r["n_shot"] is None else str(r["n_shot"]),
+             "" if r["n"] is None else str(r["n"])) for r in data["scores"]]
+    return line, rows
+
+
 def _markdown(title: str, intro: list[str], table: str, notes: list[str], images: dict[str, str],
-              shown: list[tuple[Row, Row]]) -> str:
+              shown: list[tuple[Row, Row]], benchmarks: tuple[str, list[tuple[str, ...]]] | None = None) -> str:
     parts = [f"# {title}", "", f"> **{BANNER}**", "", *intro, "", "## Metrics", "", table, ""]
     parts += [line for note in notes for line in (note, "")]
+    if benchmarks:
+        line, rows = benchmarks
+        parts += ["## Public benchmarks (lm-evaluation-harness)", "", line, "",
+                  "| " + " | ".join(BENCHMARK_HEADER) + " |", "|" + "---|" * len(BENCHMARK_HEADER)]
+        parts += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""]
     if images:
         parts += ["## Plots", ""] + [f"![{alt}]({name})\n" for name, alt in images.items()]
     parts += ["## Questions", "", "Reasoning is in report.html.", "",
@@ -187,7 +212,7 @@ def _html_question(r: Row) -> str:
 
 
 def _html(title: str, intro: list[str], rows: list[dict[str, Any]], notes: list[str], pngs: dict[str, tuple[str, bytes]],
-          shown: list[tuple[Row, Row]]) -> str:
+          shown: list[tuple[Row, Row]], benchmarks: tuple[str, list[tuple[str, ...]]] | None = None) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEADER)
     body = []
     for r in rows:
@@ -199,6 +224,13 @@ def _html(title: str, intro: list[str], rows: list[dict[str, Any]], notes: list[
                      for alt, data in pngs.values())
     questions = "".join(f"<tr><td>{html.escape(b['source'])}</td><td>{_html_question(b)}</td>"
                         f"<td>{_html_answer(b)}</td><td>{_html_answer(a)}</td></tr>" for b, a in shown)
+    public = ""
+    if benchmarks:
+        line, cells = benchmarks
+        public = (f"<h2>Public benchmarks (lm-evaluation-harness)</h2><p>{html.escape(line)}</p><table><tr>"
+                  + "".join(f"<th>{html.escape(h)}</th>" for h in BENCHMARK_HEADER) + "</tr>"
+                  + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells)
+                  + "</table>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_CSS}</style></head>
 <body>
@@ -208,6 +240,7 @@ def _html(title: str, intro: list[str], rows: list[dict[str, Any]], notes: list[
 <h2>Metrics</h2>
 <table><tr>{head}</tr>{"".join(body)}</table>
 {"".join(f'<p class="note">{html.escape(line)}</p>' for line in notes)}
+{public}
 <h2>Plots</h2>
 {images or "<p>No plots: nothing to plot.</p>"}
 <h2>Questions</h2>
@@ -246,6 +279,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
     if (train := rd.manifest("train")) and train_summary.is_file():  # optional: evaluation can run untrained
         inputs["train"] = train.identity()
         log_history = json.loads(train_summary.read_text(encoding="utf-8")).get("log_history") or []
+    benchmarks = _benchmarks(rd)
+    if benchmarks:
+        inputs["lm-eval"] = rd.require("lm-eval", "the report").identity()
 
     rows = compare(before, after)
     pairs = _paired(rows_before, rows_after)
@@ -270,9 +306,10 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
     with RunDir(out_dir.parent).publishing(out_dir.name, config_hash, inputs) as (tmp, _):
         for name, (_, data) in pngs.items():
             (tmp / name).write_bytes(data)
-        md = _markdown(title, intro, format_table(rows), notes, {n: alt for n, (alt, _) in pngs.items()}, shown)
+        md = _markdown(title, intro, format_table(rows), notes, {n: alt for n, (alt, _) in pngs.items()}, shown,
+                       benchmarks)
         (tmp / "report.md").write_text(md, encoding="utf-8")
-        (tmp / "report.html").write_text(_html(title, intro, rows, notes, pngs, shown), encoding="utf-8")
+        (tmp / "report.html").write_text(_html(title, intro, rows, notes, pngs, shown, benchmarks), encoding="utf-8")
         # The same numbers for programs (bench/demo.py, a CI gate): the table's rows and the paired tests.
         write_json(tmp / "comparison.json", {"metrics": rows, "paired_tests": tests,
                                              "n": {"before": before["n_generated"], "after": after["n_generated"]},

@@ -39,8 +39,8 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # ---- data ------------------------------------------------------------------------------------------
 
-def build_dataset(examples: list[Example], tokenizer) -> Dataset:
-    return Dataset.from_list([tokenize_example(ex, tokenizer) for ex in examples])
+def build_dataset(examples: list[Example], tokenizer, template: str = "recipe") -> Dataset:
+    return Dataset.from_list([tokenize_example(ex, tokenizer, template) for ex in examples])
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     log.info("model loaded in %.1f s; %.2f M trainable LoRA parameters", load_s, trainable / 1e6)
 
     trainer, summary, stopped_by = run_training(train_config, runtime, model, tokenizer,
-                                                build_dataset(data.train, tokenizer), ckpt)
+                                                build_dataset(data.train, tokenizer, config.data.template), ckpt)
     summary.update(gradient_checkpointing=checkpointing, gradient_checkpointing_why=why)
     if stopped_by:
         done = complete_checkpoints(ckpt)

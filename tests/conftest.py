@@ -36,9 +36,35 @@ def sample_rows() -> list[dict]:
 
 def build_tiny_llama(folder: Path, *, pad_is_eos: bool = True) -> Path:
     """A 2-layer Llama (hidden 64) and a byte-level BPE tokenizer trained on the sample data."""
-    import torch
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _sample_bpe(["<s>", "</s>", "<pad>"], bos="<s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token=None if pad_is_eos else "<pad>")
+    return _save_tiny_llama(folder, fast, pad_token_id=None if pad_is_eos else 2)
+
+
+R1_BOS, R1_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+R1_TEMPLATE = (ROOT / "tests" / "templates" / "deepseek_r1_distill.jinja").read_text(encoding="utf-8")
+
+
+def build_tiny_r1(folder: Path, *, eos_token: str = R1_EOS) -> Path:
+    """A 2-layer Llama with a tokenizer shaped like DeepSeek-R1-Distill-Llama's: its special tokens, BOS added to
+    every encoding, `<think>` and `</think>` as plain added tokens, and its chat template. `eos_token` other than
+    `<｜end▁of▁sentence｜>` makes a tokenizer whose EOS is not the token that closes an assistant turn."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _sample_bpe([R1_BOS, R1_EOS, "<｜User｜>", "<｜Assistant｜>", "<|end_of_text|>"], bos=R1_BOS)
+    tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=R1_BOS, eos_token=eos_token, pad_token=R1_EOS)
+    fast.chat_template = R1_TEMPLATE
+    return _save_tiny_llama(folder, fast, pad_token_id=None)
+
+
+def _sample_bpe(special_tokens: list[str], bos: str):
+    """A byte-level BPE of 1024 tokens trained on the sample's training texts, adding `bos` to every encoding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from medcot.prompts import TRAIN_TEMPLATE
 
@@ -47,15 +73,21 @@ def build_tiny_llama(folder: Path, *, pad_is_eos: bool = True) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token=None if pad_is_eos else "<pad>")
+        vocab_size=1024, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
+    return tok
+
+
+def _save_tiny_llama(folder: Path, fast, pad_token_id: int | None) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     fast.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=None if pad_is_eos else 2, tie_word_embeddings=False)
+                         bos_token_id=0, eos_token_id=fast.eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -63,6 +95,11 @@ def build_tiny_llama(folder: Path, *, pad_is_eos: bool = True) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_r1(tmp_path_factory) -> Path:
+    return build_tiny_r1(tmp_path_factory.mktemp("tiny-r1"))
 
 
 @pytest.fixture

@@ -121,6 +121,11 @@ def test_train_help_shows_the_recipe_values():
         assert expected in out.stdout
 
 
+def test_describe_lists_multiple_choice_sources_as_their_settings():
+    text = describe(load_config(DEMO))
+    assert 'eval.mcq = [{"path": "data/sample/medqa_sample.jsonl", ' in text and '"format": "auto"' in text
+
+
 def test_misspelled_key_fails_the_job_before_any_import_of_the_model_stack(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(RECIPE.read_text().replace("max_steps: 60", "max_step: 60"))

@@ -86,3 +86,96 @@ def test_the_merge_loads_the_base_in_fp32_on_the_gpu_where_it_fits_else_in_16_bi
     assert merge_precision(params, int(fp16) + 1, torch.float16) == (torch.float16, "cuda")  # a 24 GB GPU
     assert merge_precision(params, int(fp16) - 1, torch.float16) == (torch.float32, "cpu")
     assert merge_precision(None, 2**40, torch.float16) == (torch.float32, "cpu")  # a model it cannot size
+
+
+def trained_end_token(config) -> int:
+    """The last token of every training row the train job built: what the model learned to end answers with."""
+    from transformers import AutoTokenizer
+
+    from medcot.data import prepare, tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name)
+    rows = prepare(config.data, tokenizer, config.model.max_seq_length).train
+    ends = {tokenize_example(ex, tokenizer, config.data.template)["input_ids"][-1] for ex in rows}
+    assert len(ends) == 1
+    return ends.pop()
+
+
+def served_end_tokens(folder) -> tuple[set[int], int]:
+    """(generation_config.json's eos_token_id, the tokenizer's EOS id) of a model folder, as a server reads them."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    return set(eos if isinstance(eos, list) else [eos]), AutoTokenizer.from_pretrained(folder).eos_token_id
+
+
+def test_merged_recipe_model_stops_on_the_eos_it_was_trained_to_emit(merged_run):
+    generation, tokenizer = served_end_tokens(merged_run.run_dir / "merge" / "model")
+    assert trained_end_token(merged_run) in generation and tokenizer == trained_end_token(merged_run)
+
+
+@pytest.fixture(scope="module")
+def merged_chat_run(tmp_path_factory):
+    """Trained and merged with data.template: chat on a tokenizer whose EOS (<|end_of_text|>) is not the token its chat
+    template closes turns with, as in Llama 3's first releases."""
+    from conftest import SAMPLE, build_tiny_r1
+
+    tmp_path = tmp_path_factory.mktemp("merge-chat")
+    base = build_tiny_r1(tmp_path / "base", eos_token="<|end_of_text|>")
+    config = load_config(None, [
+        f"model.name={base}", "model.max_seq_length=1024", f"data.path={SAMPLE}", "data.train_rows=8",
+        "data.heldout_rows=0", "data.template=chat", f"output_dir={tmp_path / 'out'}", "run_name=chat",
+        "lora.use_gradient_checkpointing=false", "training.max_steps=1", "training.warmup_steps=0",
+        "training.optim=adamw_torch", "tracking.report_to=none", "eval.max_new_tokens=4", "push.what=[merged]",
+    ])
+    runtime = select_backend(config.model)
+    train_stage(config, runtime)
+    merge_stage(config, runtime)
+    return config
+
+
+def test_merged_chat_model_stops_on_the_end_of_turn_even_where_the_base_eos_differs(merged_chat_run):
+    """The merged folder must name the token training ended answers with, or a server never stops."""
+    from transformers import AutoTokenizer
+
+    from conftest import R1_EOS
+
+    end = trained_end_token(merged_chat_run)
+    assert AutoTokenizer.from_pretrained(merged_chat_run.model.name).convert_ids_to_tokens(end) == R1_EOS
+    generation, tokenizer = served_end_tokens(merged_chat_run.run_dir / "merge" / "model")
+    assert end in generation and tokenizer == end
+
+
+def card_snippet_inputs(config) -> list[int]:
+    """Run the model card's usage snippet on the merged folder (standing in for the Hub repo); the prompt it sent."""
+    import re
+
+    from medcot.push import build_model_card
+
+    folder = config.run_dir / "merge" / "model"
+    card = build_model_card(config, config.run_dir, repo_id=str(folder))
+    namespace: dict = {}
+    exec(re.search(r"## Usage\n\n```python\n(.*?)\n```", card, re.S).group(1), namespace)  # noqa: S102
+    return namespace["inputs"]["input_ids"][0].tolist()
+
+
+def test_card_snippet_of_a_chat_model_sends_what_a_chat_server_sends(merged_chat_run):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_chat_run.run_dir / "merge" / "model")
+    question = "A 45-year-old presents with crushing chest pain radiating to the left arm. Next step?"
+    server = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    assert card_snippet_inputs(merged_chat_run) == server["input_ids"]
+
+
+def test_card_snippet_of_a_recipe_model_sends_the_recipes_prompt(merged_run):
+    from transformers import AutoTokenizer
+
+    from medcot.prompts import inference_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_run.run_dir / "merge" / "model")
+    question = "A 45-year-old presents with crushing chest pain radiating to the left arm. Next step?"
+    config = merged_run.model_copy(update={"eval": merged_run.eval.model_copy(update={"max_new_tokens": 4})})
+    assert card_snippet_inputs(config) == tokenizer(inference_prompt(question))["input_ids"]

@@ -192,7 +192,8 @@ def test_a_model_path_that_does_not_exist_is_refused_by_name(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("source,phrases", [
     ("mcq_answer_not_an_option.jsonl", ["mcq_answer_not_an_option.jsonl: row 1: answer 'E' is not one of the options A, B, C, D"]),
-    ("mcq_renamed_options.jsonl", ["mcq_renamed_options.jsonl: row 0 has no 'options' column", "eval.mcq column names"]),
+    ("mcq_renamed_options.jsonl", ["mcq_renamed_options.jsonl: the columns (alternatives, answer, question) are none of "
+                                   "the published multiple-choice formats", "set eval.mcq[].format to medqa"]),
 ])
 def test_a_broken_multiple_choice_source_is_refused_by_the_evaluate_job(tiny_model, tmp_path, source, phrases):
     from conftest import SAMPLE
