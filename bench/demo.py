@@ -81,7 +81,7 @@ def key_numbers(comparison: dict[str, Any]) -> dict[str, Any]:
         row, test = metrics[metric], tests.get(name, {})
         out[name] = {"before": row["before"], "after": row["after"], "improved": test.get("improved"),
                      "worsened": test.get("worsened"), "p_value": test.get("p_value")}
-    loss = metrics.get("held-out loss (nats/token)")
+    loss = metrics.get("held-out loss")
     if loss:
         out["heldout_loss"] = {k: loss[k] for k in ("before", "before_ci", "after", "after_ci")}
     out["mcq"] = {name: {"n": s["n"], "parsed": s["n"] - s["unparseable"], "correct": round(s["accuracy"] * s["n"])}

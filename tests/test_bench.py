@@ -103,3 +103,13 @@ def test_loss_agreement_compares_only_runs_that_see_the_same_rows():
     line = _loss_agreement(committed(*SESSION3)["reference"])
     assert "2x4:auto vs 2x4:unsloth: largest per-step loss difference 0.0023 over 60 steps" in line
     assert "grouped" not in line
+
+
+def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_issue_14s_targets():
+    from bench.demo import render as render_demo
+    from bench.demo import verdicts
+
+    result = json.loads(next(RESULTS.glob("*-cpu-demo-*.json")).read_text())
+    assert render_demo(result) in (ROOT / "BENCHMARKS.md").read_text()
+    checked = verdicts(result)
+    assert len(checked) == 6 and all(ok for _, _, ok in checked), checked

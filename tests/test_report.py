@@ -73,6 +73,12 @@ def test_report_writes_the_table_and_the_paired_tests_as_json_for_programs(run_d
     tests = {t["metric"]: t for t in data["paired_tests"]}
     assert tests["format"]["test"] == "McNemar exact" and 0 <= tests["format"]["p_value"] <= 1
     assert data["n"]["before"] == data["n"]["after"] > 0
+    # bench/demo.py reads the demo's verdicts from this file by these names.
+    from bench.demo import key_numbers
+
+    numbers = key_numbers(data)
+    assert {"format", "think closed", "heldout_loss", "mcq", "rouge_l"} <= set(numbers)
+    assert numbers["heldout_loss"]["before_ci"] == metrics["held-out loss"]["before_ci"]
 
 
 def test_html_is_self_contained_with_every_plot_embedded(run_dir):
