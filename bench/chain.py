@@ -78,7 +78,7 @@ def stage_entry(run_dir: Path, stage: str, wall_s: float, rc: int | str, cache_f
                      batch_size_why=summary.get("batch_size_why"), weights=summary.get("weights"),
                      generation_s=summary.get("generation_seconds"),
                      generated_tokens=summary.get("generated_tokens"),
-                     tokens_per_s=summary.get("generated_tokens_per_s"))
+                     tokens_per_s=summary.get("generated_tokens_per_s"), step_s=summary.get("decode_step_seconds"))
     if stage == "train" and summary:
         first, median = summary.get("first_step_s"), summary.get("median_step_s")
         entry.update(load_s=summary.get("model_load_s"), train_s=summary.get("train_runtime_s"),

@@ -175,9 +175,11 @@ def _chain_lines(chain: dict) -> list[str]:
         if e.get("exit") not in (0, None):
             return f"exit {e['exit']}"
         if stage.startswith("eval"):
+            steady = (f"; a steady step {e['step_s'] * 1000:.1f} ms = {e['batch_size'] / e['step_s']:,.0f} tokens/s"
+                      if e.get("step_s") else "")
             return (f"{e.get('questions')} answers, batch {e.get('batch_size')}, {e.get('weights')} weights: "
                     f"{_fmt(e.get('generated_tokens'))} tokens in {_fmt(e.get('generation_s'), '.1f', ' s')} = "
-                    f"{_fmt(e.get('tokens_per_s'))} tokens/s; load {_fmt(e.get('load_s'), '.1f', ' s')}")
+                    f"{_fmt(e.get('tokens_per_s'))} tokens/s{steady}; load {_fmt(e.get('load_s'), '.1f', ' s')}")
         if stage == "train":
             return (f"{e.get('steps')} steps in {_fmt(e.get('train_s'), '.1f', ' s')} ({_fmt(e.get('tokens_per_s'))} "
                     f"tokens/s, first step {_fmt(e.get('first_step_s'), '.1f', ' s')}, then "

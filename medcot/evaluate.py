@@ -99,13 +99,18 @@ class _DecodeSteps(BaseStreamer):
     def end(self) -> None:
         pass
 
+    def step_seconds(self, first: int = 3) -> float | None:
+        """The median decoding step after the first ones: the steady cost of one step for this batch."""
+        if len(self.times) <= 2 * first:
+            return None
+        gaps = sorted(b - a for a, b in pairwise(self.times[first:]))
+        return gaps[len(gaps) // 2]
+
     def warmup_seconds(self, first: int = 3) -> float:
         """How much longer the prefill and the first decoding steps took than steady steps: the compilation (and
         CUDA-graph capture) that a static KV cache pays for each new batch shape, or ~0 where nothing compiles."""
-        if len(self.times) <= 2 * first:
-            return 0.0
-        gaps = sorted(b - a for a, b in pairwise(self.times[first:]))
-        return max(self.times[first - 1] - self.t0 - first * gaps[len(gaps) // 2], 0.0)
+        step = self.step_seconds(first)
+        return 0.0 if step is None else max(self.times[first - 1] - self.t0 - first * step, 0.0)
 
 
 @torch.inference_mode()
@@ -118,7 +123,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
 
     `add_special_tokens=False` for prompts that carry their own (a rendered chat template); `stop_ids`: tokens that
     end an answer besides the EOS of the tokenizer and of the generation config; `stats`, when given, receives
-    `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches).
+    `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches) and `step_s` (the first batch's steady step).
     """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -135,7 +140,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     # A static KV cache compiles the decoding step for each batch size: a short last batch is filled up with copies
     # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
     same_shape = len(batches) > 1 and getattr(model.generation_config, "cache_implementation", None) == "static"
-    warmup = 0.0
+    warmup, step_s = 0.0, None
     for idx in batches:
         texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
@@ -152,6 +157,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         progress.update(max(max_new_tokens - steps.steps, 0))
         warmup += steps.warmup_seconds()
+        step_s = step_s if step_s is not None else steps.step_seconds()
         new = out[:, batch["input_ids"].shape[1]:]
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
@@ -169,7 +175,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             }
     progress.close()
     if stats is not None:
-        stats["warmup_s"] = round(warmup, 2)
+        stats["warmup_s"], stats["step_s"] = round(warmup, 2), step_s and round(step_s, 4)
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
@@ -286,7 +292,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
                    model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name,
                    batch_size=batch, batch_size_why=batch_why, loss_batch_size=loss_batch, load_seconds=round(load_s, 2),
-                   decode_warmup_seconds=stats["warmup_s"])
+                   decode_warmup_seconds=stats["warmup_s"], decode_step_seconds=stats["step_s"])
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:

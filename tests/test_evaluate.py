@@ -231,6 +231,7 @@ def test_the_summary_records_the_batch_the_evaluate_job_chose_and_why(tiny_confi
     summary = json.loads((config.run_dir / "eval-before" / "summary.json").read_text())
     assert summary["batch_size"] == 8 and summary["batch_size_why"] == "CPU: up to 32 rows; 8 questions in 1 batch of 8"
     assert summary["loss_batch_size"] == 8 and summary["decode_warmup_seconds"] >= 0
+    assert 0 < summary["decode_step_seconds"] < summary["generation_seconds"]  # 16 steps: a median of the last 12
 
 
 def test_a_static_cache_fills_the_short_last_batch_and_answers_as_without_it(tiny_config):
