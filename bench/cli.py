@@ -24,17 +24,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import chain, generation, model, peak, reference, train
+from bench import chain, decode, generation, model, peak, reference, train
 from bench.common import ROOT, Session, environment, lock_differences, merge_results
 from bench.model import R1_DISTILL_LLAMA_8B, TINY
 from bench.render import render, write_benchmarks_md
 
 # What `--worker KIND` runs, in the fresh process that run_worker starts.
 WORKERS = {"peak": peak.worker_peak, "build": model.worker_build, "train": train.worker_train,
-           "eval": generation.worker_eval}
+           "eval": generation.worker_eval, "decode": decode.worker_decode}
 # What each name of --sections runs (in this process; it starts the workers).
 SECTIONS = {"peak": peak.run_section, "build": model.run_section, "chain": chain.run_section, "train": train.run_section,
-            "levers": train.run_section, "reference": reference.run_section, "eval": generation.run_section}
+            "levers": train.run_section, "reference": reference.run_section, "eval": generation.run_section,
+            "decode": decode.run_section}
 
 
 def main() -> int:
@@ -103,7 +104,7 @@ def main() -> int:
     meta = {**environment(), "tiny": args.tiny, "arch": arch, "sections": args.sections}
     slug = re.sub(r"[^a-z0-9]+", "-", meta["gpu"].lower().replace("nvidia", "")).strip("-")
     path = out / f"{meta['date']}-{slug}{'-tiny' if args.tiny else ''}.json"
-    results: dict[str, Any] = {"meta": meta, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}}
+    results: dict[str, Any] = {"meta": meta, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}, "decode": {}}
     if path.is_file():  # a second run on the same day and GPU adds to the first
         results = merge_results([json.loads(path.read_text()), {"meta": meta}])
 

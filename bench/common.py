@@ -130,13 +130,13 @@ def environment() -> dict[str, Any]:
 
 def merge_results(parts: list[dict]) -> dict:
     """Results of several runs (e.g. one per device call): later runs replace the same measurement."""
-    merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}}
+    merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}, "decode": {}}
     for part in parts:
         merged["meta"] = {**merged["meta"], **part.get("meta", {})}
         merged["peak"] = part.get("peak") or merged["peak"]
         merged["chain"] = part.get("chain") or merged["chain"]
         if part.get("build") and not (part["build"].get("reused") and merged["build"]):  # keep the timed build
             merged["build"] = part["build"]
-        for key in ("train", "reference", "eval"):
+        for key in ("train", "reference", "eval", "decode"):
             merged[key].update(part.get(key, {}))
     return merged
