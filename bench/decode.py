@@ -34,6 +34,7 @@ def _prompts(spec: dict, n: int) -> list[str]:
 def worker_decode(spec: dict) -> None:
     t_process = time.monotonic()
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     from medcot.cli import setup_logging
     from medcot.config import load_config
@@ -44,6 +45,7 @@ def worker_decode(spec: dict) -> None:
     config = load_config(None, base_overrides({**spec, "backend": "transformers"}) + ["eval.weights=16bit"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
+    from medcot.attention import tune_decode
     from medcot.evaluate import generate
     from medcot.modeling import load_with_adapter
 
@@ -51,56 +53,64 @@ def worker_decode(spec: dict) -> None:
     model, tokenizer = load_with_adapter(config, runtime, None)
     out["load_s"] = round(time.monotonic() - t0, 1)
     prompts = _prompts(spec, spec["batch"])
-    batch = len(prompts)
+    batch, tokens = len(prompts), spec["new_tokens"]
+    cuda = torch.cuda.is_available()
 
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    class StopAfter(StoppingCriteria):
+        def __init__(self, n: int):
+            self.n, self.calls = n, 0
 
-    def run(tokens: int, streamer: bool = True) -> dict[str, Any]:
-        stats: dict[str, float] = {}
-        sync()
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return self.calls >= self.n
+
+    def short(steps: int) -> float:
+        """`steps` decoding steps of the full-length generate: the same static cache, so the same compiled step."""
+        tokenizer.padding_side = "left"
+        enc = tokenizer(sorted(prompts, key=len, reverse=True), return_tensors="pt", padding=True).to(model.device)
         t = time.monotonic()
-        if streamer:
-            generate(model, tokenizer, prompts, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=batch, stats=stats)
-        else:
-            tokenizer.padding_side = "left"
-            enc = tokenizer(sorted(prompts, key=len, reverse=True), return_tensors="pt", padding=True).to(model.device)
-            with torch.inference_mode():
-                model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-        sync()
-        return {"tokens": tokens, "streamer": streamer, "wall_s": round(time.monotonic() - t, 2), **stats}
+        with torch.inference_mode():
+            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                           stopping_criteria=StoppingCriteriaList([StopAfter(steps)]))
+        if cuda:
+            torch.cuda.synchronize()
+        return round(time.monotonic() - t, 2)
 
-    out["first"] = run(32)
+    if spec.get("kernels") and cuda:  # each candidate kernel of the grouped step, by cache length
+        cfg = model.config
+        out["kernels_ms"] = {str(n): tune_decode(batch, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads,
+                                                 n, cfg.hidden_size // cfg.num_attention_heads, model.dtype, model.device)[1]
+                             for n in (192, 704, 1352)}
+        write_result(spec["result"], out)
+    if spec.get("full"):  # the evaluate job's generate: compile, then every step of the answers
+        stats: dict[str, Any] = {}
+        t = time.monotonic()
+        rows, _ = generate(model, tokenizer, prompts, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=batch,
+                           stats=stats)
+        wall = time.monotonic() - t
+        out["full"] = {"tokens": tokens, "wall_s": round(wall, 2), **stats,
+                       "steady_tokens_per_s": round(batch / stats["step_s"], 1) if stats.get("step_s") else None,
+                       "tokens_per_s": round(sum(r["generated_tokens"] for r in rows) / wall, 1)}
+    else:  # a few steps of the same shapes: what this process pays to compile (or load) the step
+        out["first_40_steps_s"] = short(40)
     from torch._dynamo.utils import compile_times
 
     out["compile_times"] = compile_times(repr="str", aggregate=True)
-    out["seconds_to_first_answer"] = round(time.monotonic() - t_process, 1)
     write_result(spec["result"], out)
     if not spec.get("profile"):
         return
-    steady = spec["steady_tokens"]
-    out["steady"] = run(steady)
-    out["steady"]["step_ms"] = round(1000 * out["steady"]["wall_s"] / steady, 2)
-    out["steady_no_streamer"] = run(steady, streamer=False)
-    out["steady_no_streamer"]["step_ms"] = round(1000 * out["steady_no_streamer"]["wall_s"] / steady, 2)
-    write_result(spec["result"], out)
-
     from torch.profiler import ProfilerActivity, profile
 
-    steps = 24
+    steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        run(steps)
+        short(steps)
     events = prof.key_averages()
     kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
-    busy_us = sum(e.self_device_time_total for e in kernels)
     out["profile"] = {
-        "steps": steps, "gpu_busy_ms_per_step": round(busy_us / 1000 / steps, 2),
+        "steps": steps, "gpu_busy_ms_per_step": round(sum(e.self_device_time_total for e in kernels) / 1000 / steps, 2),
         "kernels": [{"name": e.key[:140], "calls": e.count, "ms_per_step": round(e.self_device_time_total / 1000 / steps, 3)}
                     for e in kernels[:25]],
-        "cpu_ops": [{"name": e.key[:100], "calls": e.count, "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 3)}
-                    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]],
     }
     trace = Path(spec["out_dir"]) / "decode-trace.json"
     prof.export_chrome_trace(str(trace))
@@ -113,15 +123,12 @@ def worker_decode(spec: dict) -> None:
 def run_section(session: Session, name: str) -> None:
     args = session.args
     out_dir = Path(args.out)
-    first_cache = session.work / "compile-decode-a"
-    runs = [("first on this machine, empty cache", first_cache, True),
-            ("empty cache, machine warm", session.work / "compile-decode-b", False),
-            ("the first run's cache", first_cache, False)]
-    shutil.rmtree(first_cache, ignore_errors=True)
-    shutil.rmtree(session.work / "compile-decode-b", ignore_errors=True)
+    cache = session.work / "compile-decode"
+    shutil.rmtree(cache, ignore_errors=True)
+    runs = [("empty cache", {"kernels": True, "full": True, "profile": True}), ("the first run's cache", {})]
     results = session.results.setdefault("decode", {})
-    for label, cache, do_profile in runs:
-        spec = {**session.common, "label": label, "batch": 8 if args.tiny else 101, "profile": do_profile,
-                "steady_tokens": 16 if args.tiny else 300, "out_dir": str(out_dir), "env": {"MEDCOT_COMPILE_CACHE": str(cache)}}
+    for label, what in runs:
+        spec = {**session.common, **what, "label": label, "batch": 8 if args.tiny else 101,
+                "new_tokens": 48 if args.tiny else 1200, "out_dir": str(out_dir), "env": {"MEDCOT_COMPILE_CACHE": str(cache)}}
         results[label] = session.worker("decode", spec, f"decode {label}", cap_s=400)
         session.save()

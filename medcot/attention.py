@@ -10,16 +10,96 @@ For one query token the copy is not needed: the query heads that share a KV head
 positions, [batch, kv_heads * groups, 1, dim] -> [batch, kv_heads, groups, dim], attending the cache as it
 is; the mask, [batch, 1, 1, kv_len], is the same for all of them. Prefill (several query tokens) and
 training take transformers' own SDPA path unchanged.
+
+Which kernel computes that grouped step is measured, not assumed (`tune_decode`, once per batch shape, before the
+decoding step is compiled): on an H200, PyTorch's default choice for it, cuDNN's fused attention, made one row per
+KV head of 4 query rows in a 64-row tile and took about half of each decoding step at batch 101 (bench/decode.py).
+The candidates: `sdpa` (PyTorch's choice), `efficient` (its memory-efficient kernel) and `matmul` (two batched
+matrix products around an fp32 softmax; the scores come out of the product in fp32, as in the fused kernels).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 GQA_DECODE = "medcot_sdpa_gqa_decode"
+DECODE_KERNELS = ("sdpa", "efficient", "matmul")
+# The kernel of the grouped decoding step; read when the step is traced (a change recompiles it).
+decode_kernel = "sdpa"
+_tuned: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+def grouped_attention(kernel: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """Attention of query [b, kv_heads, groups, d] over key/value [b, kv_heads, kv, d] under a mask broadcast from
+    [b, 1, 1, kv] (bool: True attends; or additive), by one of DECODE_KERNELS; returns [b, kv_heads, groups, d]."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+
+    if kernel == "efficient":
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    if kernel != "matmul":
+        return scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    batch, kv_heads, groups, dim = query.shape
+    kv_len = key.shape[2]
+    q = query.reshape(batch * kv_heads, groups, dim)
+    k_t = key.reshape(batch * kv_heads, kv_len, dim).transpose(1, 2)
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        scores = torch.bmm(q, k_t, out_dtype=torch.float32)  # fp32 out of the 16-bit product, no fp32 copy of K
+    else:
+        scores = torch.bmm(q.float(), k_t.float())
+    scores = scores.view(batch, kv_heads, groups, kv_len) * (dim ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.bmm(probs.view(batch * kv_heads, groups, kv_len), value.reshape(batch * kv_heads, kv_len, dim))
+    return out.view(batch, kv_heads, groups, dim)
+
+
+def tune_decode(batch: int, kv_heads: int, groups: int, kv_len: int, dim: int, dtype: torch.dtype,
+                device: torch.device, repeats: int = 10) -> tuple[str, dict[str, float]]:
+    """Time each of DECODE_KERNELS on one decoding step's attention of this shape (random data, a mask like a
+    left-padded static cache's), make the fastest the one the grouped step uses, and return it with the
+    milliseconds per call of each. Only on CUDA (elsewhere: `sdpa`, untimed); once per shape."""
+    import torch
+
+    global decode_kernel
+    if device.type != "cuda":
+        decode_kernel = "sdpa"
+        return decode_kernel, {}
+    shape = (batch, kv_heads, groups, kv_len, dim, dtype, str(device))
+    if shape not in _tuned:
+        gen = torch.Generator(device=device).manual_seed(0)
+        query = torch.randn(batch, kv_heads, groups, dim, device=device, dtype=dtype, generator=gen)
+        key, value = (torch.randn(batch, kv_heads, kv_len, dim, device=device, dtype=dtype, generator=gen) for _ in "kv")
+        mask = torch.ones(batch, 1, 1, kv_len, device=device, dtype=torch.bool)
+        mask[..., kv_len // 2:] = False  # slots that are not filled yet
+        times: dict[str, float] = {}
+        for kernel in DECODE_KERNELS:
+            try:
+                for _ in range(3):
+                    grouped_attention(kernel, query, key, value, mask, None)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(repeats):
+                    grouped_attention(kernel, query, key, value, mask, None)
+                end.record()
+                end.synchronize()
+                times[kernel] = round(start.elapsed_time(end) / repeats, 4)
+            except RuntimeError as e:  # a kernel this GPU or dtype lacks
+                log.debug("decode attention %s unavailable: %s", kernel, e)
+        del query, key, value
+        _tuned[shape] = (min(times, key=times.get) if times else "sdpa", times)
+    decode_kernel = _tuned[shape][0]
+    return _tuned[shape]
 
 
 def sdpa_gqa_decode_forward(
@@ -34,7 +114,6 @@ def sdpa_gqa_decode_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """An AttentionInterface function: query [b, heads, q, d], key/value [b, kv_heads, kv, d] -> [b, q, heads, d]."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, dim = query.shape
@@ -46,7 +125,7 @@ def sdpa_gqa_decode_forward(
                                       is_causal=is_causal, **kwargs)
     # Query head h reads KV head h // groups (the order repeat_kv expands to).
     grouped = query.reshape(batch, kv_heads, groups, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    out = grouped_attention(decode_kernel, grouped, key, value, attention_mask, scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

@@ -140,7 +140,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     # A static KV cache compiles the decoding step for each batch size: a short last batch is filled up with copies
     # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
     same_shape = len(batches) > 1 and getattr(model.generation_config, "cache_implementation", None) == "static"
-    warmup, step_s = 0.0, None
+    warmup, step_s, decode_attention = 0.0, None, None
     for idx in batches:
         texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
@@ -153,6 +153,9 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
+        kernel = _tune_decode_attention(model, batch["input_ids"].shape, max_new_tokens)
+        if kernel is not None:
+            decode_attention = kernel
         # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         progress.update(max(max_new_tokens - steps.steps, 0))
@@ -176,7 +179,26 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     progress.close()
     if stats is not None:
         stats["warmup_s"], stats["step_s"] = round(warmup, 2), step_s and round(step_s, 4)
+        stats["decode_attention"] = decode_attention
     return [r for r in results if r is not None], time.monotonic() - t0
+
+
+def _tune_decode_attention(model, shape: torch.Size, max_new_tokens: int) -> str | None:
+    """For the grouped decoding step (medcot.attention) on a GPU, the fastest kernel for this batch's shape: rows x
+    the static KV cache's length. None where the model decodes otherwise."""
+    from medcot.attention import GQA_DECODE, tune_decode
+
+    config = model.config
+    device = next(model.parameters()).device
+    if device.type != "cuda" or getattr(config, "_attn_implementation", None) != GQA_DECODE:
+        return None
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rows, kv_len = shape[0], shape[1] + max_new_tokens
+    kernel, times = tune_decode(rows, kv_heads, heads // kv_heads, kv_len, dim, model.dtype, device)
+    log.info("decode attention: %s (%s ms per layer at %d rows x %d cached positions)", kernel,
+             ", ".join(f"{k} {v:.3f}" for k, v in times.items()), rows, kv_len)
+    return kernel
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -292,7 +314,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
     summary.update(stage=which, backend=runtime.backend, device=runtime.device, generation_seconds=round(seconds, 2),
                    model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name,
                    batch_size=batch, batch_size_why=batch_why, loss_batch_size=loss_batch, load_seconds=round(load_s, 2),
-                   decode_warmup_seconds=stats["warmup_s"], decode_step_seconds=stats["step_s"])
+                   decode_warmup_seconds=stats["warmup_s"], decode_step_seconds=stats["step_s"],
+                   decode_attention=stats["decode_attention"])
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:

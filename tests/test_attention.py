@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from medcot.attention import GQA_DECODE, sdpa_gqa_decode_forward
+import medcot.attention
+from medcot.attention import DECODE_KERNELS, GQA_DECODE, grouped_attention, sdpa_gqa_decode_forward, tune_decode
 from medcot.config import load_config
 from medcot.modeling import load_with_adapter, select_backend
 
@@ -46,6 +47,37 @@ def test_one_token_query_equals_transformers_sdpa_with_repeated_kv(mask_kind):
     theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (3, 1, 8, 16)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", DECODE_KERNELS)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_every_decode_kernel_equals_transformers_sdpa(kernel, mask_kind, monkeypatch):
+    if kernel == "efficient" and not torch.cuda.is_available():
+        pytest.skip("PyTorch's memory-efficient attention runs on CUDA only")
+    query, key, value = _qkv(kv_len=11)
+    mask = None if mask_kind == "none" else _left_padding_mask(3, 11)
+    if mask_kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    module = _Module(groups=4)
+    monkeypatch.setattr(medcot.attention, "decode_kernel", kernel)
+    ours, _ = sdpa_gqa_decode_forward(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_matmul_kernel_in_bf16_stays_within_bf16_rounding_of_fp32_attention():
+    query, key, value = (t.to(torch.bfloat16) for t in _qkv(kv_len=40, dim=64, seed=3))
+    mask = _left_padding_mask(3, 40)
+    grouped = query.reshape(3, 2, 4, 64)
+    ours = grouped_attention("matmul", grouped, key, value, mask, None).float()
+    exact = grouped_attention("sdpa", grouped.float(), key.float(), value.float(), mask, None)
+    torch.testing.assert_close(ours, exact, atol=2e-2, rtol=2e-2)
+
+
+def test_tuning_off_a_gpu_keeps_sdpa_untimed(monkeypatch):
+    monkeypatch.setattr(medcot.attention, "decode_kernel", "matmul")
+    assert tune_decode(4, 2, 4, 64, 16, torch.float32, torch.device("cpu")) == ("sdpa", {})
+    assert medcot.attention.decode_kernel == "sdpa"
 
 
 def test_several_query_tokens_take_transformers_sdpa_path_unchanged():
