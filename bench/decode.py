@@ -42,7 +42,8 @@ def worker_decode(spec: dict) -> None:
 
     setup_logging()
     out: dict[str, Any] = {"label": spec["label"], "import_s": round(time.monotonic() - t_process, 1)}
-    config = load_config(None, base_overrides({**spec, "backend": "transformers"}) + ["eval.weights=16bit"])
+    config = load_config(None, base_overrides({**spec, "backend": "transformers"})
+                         + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
     from medcot.attention import tune_decode
@@ -123,12 +124,16 @@ def worker_decode(spec: dict) -> None:
 def run_section(session: Session, name: str) -> None:
     args = session.args
     out_dir = Path(args.out)
-    cache = session.work / "compile-decode"
-    shutil.rmtree(cache, ignore_errors=True)
-    runs = [("empty cache", {"kernels": True, "full": True, "profile": True}), ("the first run's cache", {})]
+    kernels = args.decode_kernels.split(",")
+    caches = {k: session.work / f"compile-decode-{k}" for k in kernels}
+    for cache in caches.values():
+        shutil.rmtree(cache, ignore_errors=True)
+    runs = [(f"empty cache, {k}", k, {"kernels": i == 0, "full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
+    runs.append((f"the first run's cache, {kernels[0]}", kernels[0], {}))
     results = session.results.setdefault("decode", {})
-    for label, what in runs:
-        spec = {**session.common, **what, "label": label, "batch": 8 if args.tiny else 101,
-                "new_tokens": 48 if args.tiny else 1200, "out_dir": str(out_dir), "env": {"MEDCOT_COMPILE_CACHE": str(cache)}}
+    for label, kernel, what in runs:
+        spec = {**session.common, **what, "label": label, "kernel": kernel, "batch": 8 if args.tiny else 101,
+                "new_tokens": 48 if args.tiny else 1200, "out_dir": str(out_dir),
+                "env": {"MEDCOT_COMPILE_CACHE": str(caches[kernel])}}
         results[label] = session.worker("decode", spec, f"decode {label}", cap_s=400)
         session.save()

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 GQA_DECODE = "medcot_sdpa_gqa_decode"
 DECODE_KERNELS = ("sdpa", "efficient", "matmul")
-# The kernel of the grouped decoding step; read when the step is traced (a change recompiles it).
+# The kernel of the grouped decoding step; read when the step is traced (a change recompiles it). `auto`
+# (eval.decode_kernel) leaves it to tune_decode; another value pins it.
 decode_kernel = "sdpa"
+pinned_kernel: str | None = None
 _tuned: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
@@ -72,6 +74,9 @@ def tune_decode(batch: int, kv_heads: int, groups: int, kv_len: int, dim: int, d
     import torch
 
     global decode_kernel
+    if pinned_kernel is not None:
+        decode_kernel = pinned_kernel
+        return decode_kernel, {}
     if device.type != "cuda":
         decode_kernel = "sdpa"
         return decode_kernel, {}
@@ -139,11 +144,15 @@ def register() -> str:
     return GQA_DECODE
 
 
-def use_for_inference(model, choice: str) -> str:
+def use_for_inference(model, choice: str, kernel: str = "auto") -> str:
     """Switch an inference model's attention per `eval.attention`; returns the implementation in use.
 
     auto: the grouped decoding above where the model runs on SDPA (models on eager, flash or flex attention
-    keep theirs); any other value is passed to transformers as is (`sdpa`, `eager`, `flash_attention_2`...)."""
+    keep theirs); any other value is passed to transformers as is (`sdpa`, `eager`, `flash_attention_2`...).
+    `kernel` (eval.decode_kernel): the grouped step's kernel, or `auto` to time them per batch shape."""
+    global decode_kernel, pinned_kernel
+    pinned_kernel = None if kernel == "auto" else kernel
+    decode_kernel = pinned_kernel or "sdpa"
     current = model.config._attn_implementation
     wanted = (register() if current == "sdpa" else current) if choice == "auto" else choice
     if wanted != current:

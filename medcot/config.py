@@ -207,6 +207,12 @@ class EvalConfig(_Section):
         "steps attending the KV cache per KV head instead of copying it to every query head (medcot.attention); "
         "any other value is passed to transformers as attn_implementation (sdpa, eager, flash_attention_2...).",
     )
+    decode_kernel: Literal["auto", "sdpa", "efficient", "matmul"] = Field(
+        "auto",
+        description="What computes a grouped decoding step's attention (eval.attention auto, on a GPU): sdpa = "
+        "PyTorch's choice of fused kernel, efficient = its memory-efficient kernel, matmul = two batched matrix "
+        "products around an fp32 softmax; auto = timed on this GPU for each batch's shape (medcot.attention).",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
     heldout_limit: int | None = Field(None, gt=0, description="Generate for at most N held-out rows (null = all).")

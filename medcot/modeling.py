@@ -258,7 +258,7 @@ def load_with_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path | N
     else:
         from medcot.attention import use_for_inference
 
-        log.info("inference attention: %s", use_for_inference(model, config.eval.attention))
+        log.info("inference attention: %s", use_for_inference(model, config.eval.attention, config.eval.decode_kernel))
         if runtime.device == "cuda" and not runtime.load_in_4bit:
             # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
             # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.

@@ -7,7 +7,13 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import medcot.attention
-from medcot.attention import DECODE_KERNELS, GQA_DECODE, grouped_attention, sdpa_gqa_decode_forward, tune_decode
+from medcot.attention import (
+    DECODE_KERNELS,
+    GQA_DECODE,
+    grouped_attention,
+    sdpa_gqa_decode_forward,
+    tune_decode,
+)
 from medcot.config import load_config
 from medcot.modeling import load_with_adapter, select_backend
 
