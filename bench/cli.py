@@ -67,6 +67,8 @@ def main() -> int:
                         help="generation variants: unsloth-4bit, transformers-4bit, transformers-16bit-static (-sdpa: "
                              "eval.attention=sdpa), each with an optional :NEW_TOKENS")
     parser.add_argument("--eval-batches", default="1,8,32")
+    parser.add_argument("--chain-without-cache", action="store_true",
+                        help="after the chain, evaluate-after again on an empty compile cache")
     parser.add_argument("--decode-kernels", default="auto",
                         help="the decode section's eval.decode_kernel values, each compiled and run in full (auto,sdpa,efficient,matmul)")
     parser.add_argument("--new-tokens", type=int, default=1200, help="generated tokens per answer")

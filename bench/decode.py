@@ -46,7 +46,6 @@ def worker_decode(spec: dict) -> None:
                          + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
-    from medcot.attention import tune_decode
     from medcot.evaluate import generate
     from medcot.modeling import load_with_adapter
 
@@ -78,12 +77,6 @@ def worker_decode(spec: dict) -> None:
             torch.cuda.synchronize()
         return round(time.monotonic() - t, 2)
 
-    if spec.get("kernels") and cuda:  # each candidate kernel of the grouped step, by cache length
-        cfg = model.config
-        out["kernels_ms"] = {str(n): tune_decode(batch, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads,
-                                                 n, cfg.hidden_size // cfg.num_attention_heads, model.dtype, model.device)[1]
-                             for n in (192, 704, 1352)}
-        write_result(spec["result"], out)
     if spec.get("full"):  # the evaluate job's generate: compile, then every step of the answers
         stats: dict[str, Any] = {}
         t = time.monotonic()
@@ -128,7 +121,7 @@ def run_section(session: Session, name: str) -> None:
     caches = {k: session.work / f"compile-decode-{k}" for k in kernels}
     for cache in caches.values():
         shutil.rmtree(cache, ignore_errors=True)
-    runs = [(f"empty cache, {k}", k, {"kernels": i == 0, "full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
+    runs = [(f"empty cache, {k}", k, {"full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
     runs.append((f"the first run's cache, {kernels[0]}", kernels[0], {}))
     results = session.results.setdefault("decode", {})
     for label, kernel, what in runs:

@@ -11,30 +11,26 @@ positions, [batch, kv_heads * groups, 1, dim] -> [batch, kv_heads, groups, dim],
 is; the mask, [batch, 1, 1, kv_len], is the same for all of them. Prefill (several query tokens) and
 training take transformers' own SDPA path unchanged.
 
-Which kernel computes that grouped step is measured, not assumed (`tune_decode`, once per batch shape, before the
-decoding step is compiled): on an H200, PyTorch's default choice for it, cuDNN's fused attention, made one row per
-KV head of 4 query rows in a 64-row tile and took about half of each decoding step at batch 101 (bench/decode.py).
-The candidates: `sdpa` (PyTorch's choice), `efficient` (its memory-efficient kernel) and `matmul` (two batched
-matrix products around an fp32 softmax; the scores come out of the product in fp32, as in the fused kernels).
+Which kernel computes that grouped step was measured in the compiled decoding step itself (bench/decode.py, an H200,
+batch 101, 1,412 cached positions): PyTorch's memory-efficient kernel (`efficient`), 18.4 ms a step; its default
+pick, cuDNN's fused attention (`sdpa`), 20.4 ms (it tiles 64 query rows, and a KV head here has 4); two batched
+matrix products around an fp32 softmax (`matmul`), 37.7 ms (PyTorch runs a 16-bit product with fp32 output on a
+MAGMA kernel). Timed one call at a time outside the compiled step, cuDNN's came first, so the choice is not timed
+at run time: `auto` is `efficient` on GPUs where it runs 16-bit (compute capability 8.0 on),
+else `sdpa`.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
-
 GQA_DECODE = "medcot_sdpa_gqa_decode"
 DECODE_KERNELS = ("sdpa", "efficient", "matmul")
-# The kernel of the grouped decoding step; read when the step is traced (a change recompiles it). `auto`
-# (eval.decode_kernel) leaves it to tune_decode; another value pins it.
+# The kernel of the grouped decoding step (eval.decode_kernel, resolved); read when the step is traced.
 decode_kernel = "sdpa"
-pinned_kernel: str | None = None
-_tuned: dict[tuple, tuple[str, dict[str, float]]] = {}
 
 
 def grouped_attention(kernel: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -66,45 +62,16 @@ def grouped_attention(kernel: str, query: torch.Tensor, key: torch.Tensor, value
     return out.view(batch, kv_heads, groups, dim)
 
 
-def tune_decode(batch: int, kv_heads: int, groups: int, kv_len: int, dim: int, dtype: torch.dtype,
-                device: torch.device, repeats: int = 10) -> tuple[str, dict[str, float]]:
-    """Time each of DECODE_KERNELS on one decoding step's attention of this shape (random data, a mask like a
-    left-padded static cache's), make the fastest the one the grouped step uses, and return it with the
-    milliseconds per call of each. Only on CUDA (elsewhere: `sdpa`, untimed); once per shape."""
+def resolve_kernel(choice: str, device) -> str:
+    """eval.decode_kernel for a model on `device`: `auto` is `efficient` on CUDA GPUs of compute capability 8.0 and
+    later (its 16-bit kernels), else `sdpa`; any other value as is."""
     import torch
 
-    global decode_kernel
-    if pinned_kernel is not None:
-        decode_kernel = pinned_kernel
-        return decode_kernel, {}
-    if device.type != "cuda":
-        decode_kernel = "sdpa"
-        return decode_kernel, {}
-    shape = (batch, kv_heads, groups, kv_len, dim, dtype, str(device))
-    if shape not in _tuned:
-        gen = torch.Generator(device=device).manual_seed(0)
-        query = torch.randn(batch, kv_heads, groups, dim, device=device, dtype=dtype, generator=gen)
-        key, value = (torch.randn(batch, kv_heads, kv_len, dim, device=device, dtype=dtype, generator=gen) for _ in "kv")
-        mask = torch.ones(batch, 1, 1, kv_len, device=device, dtype=torch.bool)
-        mask[..., kv_len // 2:] = False  # slots that are not filled yet
-        times: dict[str, float] = {}
-        for kernel in DECODE_KERNELS:
-            try:
-                for _ in range(3):
-                    grouped_attention(kernel, query, key, value, mask, None)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(repeats):
-                    grouped_attention(kernel, query, key, value, mask, None)
-                end.record()
-                end.synchronize()
-                times[kernel] = round(start.elapsed_time(end) / repeats, 4)
-            except RuntimeError as e:  # a kernel this GPU or dtype lacks
-                log.debug("decode attention %s unavailable: %s", kernel, e)
-        del query, key, value
-        _tuned[shape] = (min(times, key=times.get) if times else "sdpa", times)
-    decode_kernel = _tuned[shape][0]
-    return _tuned[shape]
+    if choice != "auto":
+        return choice
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "efficient"
+    return "sdpa"
 
 
 def sdpa_gqa_decode_forward(
@@ -149,10 +116,9 @@ def use_for_inference(model, choice: str, kernel: str = "auto") -> str:
 
     auto: the grouped decoding above where the model runs on SDPA (models on eager, flash or flex attention
     keep theirs); any other value is passed to transformers as is (`sdpa`, `eager`, `flash_attention_2`...).
-    `kernel` (eval.decode_kernel): the grouped step's kernel, or `auto` to time them per batch shape."""
-    global decode_kernel, pinned_kernel
-    pinned_kernel = None if kernel == "auto" else kernel
-    decode_kernel = pinned_kernel or "sdpa"
+    `kernel` (eval.decode_kernel): the grouped step's kernel (resolve_kernel)."""
+    global decode_kernel
+    decode_kernel = resolve_kernel(kernel, next(model.parameters()).device)
     current = model.config._attn_implementation
     wanted = (register() if current == "sdpa" else current) if choice == "auto" else choice
     if wanted != current:

@@ -211,7 +211,8 @@ class EvalConfig(_Section):
         "auto",
         description="What computes a grouped decoding step's attention (eval.attention auto, on a GPU): sdpa = "
         "PyTorch's choice of fused kernel, efficient = its memory-efficient kernel, matmul = two batched matrix "
-        "products around an fp32 softmax; auto = timed on this GPU for each batch's shape (medcot.attention).",
+        "products around an fp32 softmax; auto = efficient on GPUs of compute capability 8.0 and later, else sdpa "
+        "(measured in the compiled decoding step: medcot.attention, BENCHMARKS.md).",
     )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")

@@ -153,9 +153,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
-        kernel = _tune_decode_attention(model, batch["input_ids"].shape, max_new_tokens)
-        if kernel is not None:
-            decode_attention = kernel
+        decode_attention = _decode_attention(model)
         # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         progress.update(max(max_new_tokens - steps.steps, 0))
@@ -183,22 +181,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
-def _tune_decode_attention(model, shape: torch.Size, max_new_tokens: int) -> str | None:
-    """For the grouped decoding step (medcot.attention) on a GPU, the fastest kernel for this batch's shape: rows x
-    the static KV cache's length. None where the model decodes otherwise."""
-    from medcot.attention import GQA_DECODE, tune_decode
+def _decode_attention(model) -> str | None:
+    """The kernel of the grouped decoding step (medcot.attention) where the model decodes with it on a GPU."""
+    from medcot import attention
 
-    config = model.config
-    device = next(model.parameters()).device
-    if device.type != "cuda" or getattr(config, "_attn_implementation", None) != GQA_DECODE:
-        return None
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rows, kv_len = shape[0], shape[1] + max_new_tokens
-    kernel, times = tune_decode(rows, kv_heads, heads // kv_heads, kv_len, dim, model.dtype, device)
-    log.info("decode attention: %s (%s ms per layer at %d rows x %d cached positions)", kernel,
-             ", ".join(f"{k} {v:.3f}" for k, v in times.items()), rows, kv_len)
-    return kernel
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return attention.decode_kernel if on_gpu and getattr(model.config, "_attn_implementation", None) == attention.GQA_DECODE else None
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -216,11 +204,15 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
                          template: str = "recipe") -> list[tuple[float, int]]:
     """(sum of NLL, token count) of the reference `<think>` reasoning, answer and end token given the prompt."""
     device = next(model.parameters()).device
-    losses = []
     split = SplitState()
     progress = Progress(f"held-out loss ({len(examples)} rows, batch {batch_size})", len(examples), "rows")
-    for start in range(0, len(examples), batch_size):
-        encoded = [tokenize_example(ex, tokenizer, template) for ex in examples[start:start + batch_size]]
+    # Longest rows first, batched with rows of similar length: less padding, and out-of-memory shows in the first batch.
+    tokenized = [tokenize_example(ex, tokenizer, template) for ex in examples]
+    order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i]["input_ids"]))
+    by_row: dict[int, tuple[float, int]] = {}
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = [tokenized[i] for i in rows]
         width = max(len(e["input_ids"]) for e in encoded)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -238,11 +230,12 @@ def heldout_token_losses(model, tokenizer, examples: list[Example], batch_size: 
         nll = split_on_oom(partial(_token_nll, model, keep=keep), {"input_ids": ids, "attention_mask": mask},
                            pad_value=0.0, state=split)
         scored = target[:, width - keep + 1:]
-        for r in range(len(encoded)):
-            losses.append((float(nll[r][scored[r]].sum()), int(scored[r].sum())))
+        sums, counts = torch.where(scored, nll, 0.0).sum(dim=1).tolist(), scored.sum(dim=1).tolist()
+        for r, i in enumerate(rows):
+            by_row[i] = (float(sums[r]), int(counts[r]))
         progress.update(len(encoded))
     progress.close()
-    return losses
+    return [by_row[i] for i in range(len(examples))]
 
 
 def _token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ from medcot.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+MAX_SHARD_SIZE = "5GB"
 MERGE_MARGIN_BYTES = 2 * 2**30  # CUDA context and the merge's temporaries (one layer's delta at a time)
 
 
@@ -58,7 +59,9 @@ def merge_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path, out_di
     base = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, revision=config.model.revision,
                                                 device_map={"": device} if device == "cuda" else None)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
+    # 5 GB shards, the Hub's convention (transformers 5 writes one file up to 50 GB): downloads resume per shard, and
+    # the push job hashes the shards side by side.
+    merged.to(dtype).save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     load_tokenizer(str(adapter_dir)).save_pretrained(str(out_dir))
     carry_answer_end(out_dir, config.data.template)
 

@@ -256,9 +256,11 @@ def load_with_adapter(config: RunConfig, runtime: Runtime, adapter_dir: Path | N
 
         FastLanguageModel.for_inference(model)
     else:
-        from medcot.attention import use_for_inference
+        from medcot import attention
 
-        log.info("inference attention: %s", use_for_inference(model, config.eval.attention, config.eval.decode_kernel))
+        implementation = attention.use_for_inference(model, config.eval.attention, config.eval.decode_kernel)
+        log.info("inference attention: %s%s", implementation,
+                 f" (decoding step: {attention.decode_kernel})" if implementation == attention.GQA_DECODE else "")
         if runtime.device == "cuda" and not runtime.load_in_4bit:
             # A static KV cache makes transformers compile the decoding step (CUDA graphs): launch-bound decoding
             # of an 8B model goes from ~12 to ~100 tokens/s at batch 1. The first batch of each size compiles.

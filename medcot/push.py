@@ -15,9 +15,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,7 +384,9 @@ def _folder_files(folder: Path, prefix: str, run_root: Path) -> list[PlannedFile
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise PushError(f"{folder} holds no files to upload; rerun the stage that writes it (--force)")
-    return [PlannedFile.from_path(prefix + p.relative_to(folder).as_posix(), p, run_root) for p in files]
+    # hashlib releases the GIL on large updates: the shards of a merged model hash side by side, one core each.
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(lambda p: PlannedFile.from_path(prefix + p.relative_to(folder).as_posix(), p, run_root), files))
 
 
 def _sources(config: RunConfig, run: RunDir) -> tuple[dict[str, Path], dict[str, str]]:

@@ -12,8 +12,7 @@ from medcot.attention import (
     GQA_DECODE,
     grouped_attention,
     sdpa_gqa_decode_forward,
-    tune_decode,
-)
+    )
 from medcot.config import load_config
 from medcot.modeling import load_with_adapter, select_backend
 
@@ -80,10 +79,11 @@ def test_matmul_kernel_in_bf16_stays_within_bf16_rounding_of_fp32_attention():
     torch.testing.assert_close(ours, exact, atol=2e-2, rtol=2e-2)
 
 
-def test_tuning_off_a_gpu_keeps_sdpa_untimed(monkeypatch):
-    monkeypatch.setattr(medcot.attention, "decode_kernel", "matmul")
-    assert tune_decode(4, 2, 4, 64, 16, torch.float32, torch.device("cpu")) == ("sdpa", {})
-    assert medcot.attention.decode_kernel == "sdpa"
+def test_auto_kernel_is_sdpa_off_a_gpu_and_a_pinned_one_stays():
+    from medcot.attention import resolve_kernel
+
+    assert resolve_kernel("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_kernel("matmul", torch.device("cpu")) == "matmul"
 
 
 def test_several_query_tokens_take_transformers_sdpa_path_unchanged():

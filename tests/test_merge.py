@@ -179,3 +179,26 @@ def test_card_snippet_of_a_recipe_model_sends_the_recipes_prompt(merged_run):
     question = "A 45-year-old presents with crushing chest pain radiating to the left arm. Next step?"
     config = merged_run.model_copy(update={"eval": merged_run.eval.model_copy(update={"max_new_tokens": 4})})
     assert card_snippet_inputs(config) == tokenizer(inference_prompt(question))["input_ids"]
+
+
+def test_merge_writes_shards_that_load_as_one_model_and_hash_side_by_side(merged_run, tmp_path, monkeypatch):
+    """The 8B model's 16 GB go out in 5 GB shards (medcot.merge.MAX_SHARD_SIZE); here the limit is made small enough
+    to shard the tiny model. The shards load to the same weights, and the push plan hashes each of them."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM
+
+    import medcot.merge
+    from medcot.push import _folder_files
+
+    monkeypatch.setattr(medcot.merge, "MAX_SHARD_SIZE", "100KB")
+    run = merged_run.run_dir
+    sharded = tmp_path / "model"
+    medcot.merge.merge_adapter(merged_run, select_backend(merged_run.model), run / "train" / "adapter", sharded)
+    shards = sorted(sharded.glob("*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    one = AutoModelForCausalLM.from_pretrained(run / "merge" / "model").state_dict()
+    many = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+    planned = {f.path_in_repo: f.sha256 for f in _folder_files(sharded, "", tmp_path)}
+    assert {s.name: hashlib.sha256(s.read_bytes()).hexdigest() for s in shards}.items() <= planned.items()
