@@ -65,9 +65,22 @@ def kept(installed: dict[str, Distribution], wanted: set[str]) -> set[str]:
     return keep
 
 
-def top_level(dist: Distribution) -> set[str]:
-    """The entries a distribution put directly in site-packages (packages, modules, .pth files, its dist-info)."""
-    return {f.parts[0] for f in dist.files or [] if f.parts and f.parts[0] != ".."}
+def link_files(base: Path, site: Path, files: list[tuple[str, ...]]) -> list[Path]:
+    """Link a distribution's entries of site-packages (`files`: its RECORD paths, split) from `base` into `site`: each
+    top-level entry as one link, unless `site` already has a real folder of that name (a namespace package such as
+    google/, which a wheel installed here and the machine's protobuf share): then its entries one level down, and
+    so on. Returns what was linked."""
+    linked = []
+    for entry in sorted({f[0] for f in files if f and f[0] != ".."}):
+        source, link = base / entry, site / entry
+        if not source.exists():
+            continue
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(source)
+            linked.append(source)
+        elif link.is_dir() and not link.is_symlink() and source.is_dir():
+            linked += link_files(source, link, [f[1:] for f in files if len(f) > 1 and f[0] == entry])
+    return linked
 
 
 def main(argv: list[str]) -> int:
@@ -93,12 +106,7 @@ def main(argv: list[str]) -> int:
     targets = [site]
     for name in sorted(keep):
         dist = installed[name]
-        base = Path(str(dist.locate_file("")))
-        for entry in sorted(top_level(dist)):
-            link = site / entry
-            if (base / entry).exists() and not link.exists() and not link.is_symlink():
-                link.symlink_to(base / entry)
-                targets.append(base / entry)
+        targets += link_files(Path(str(dist.locate_file(""))), site, [f.parts for f in dist.files or []])
     t0 = time.monotonic()
     for target_path in targets:  # compile_dir does not follow the links: compile what they point at
         if target_path.is_dir():

@@ -113,3 +113,29 @@ def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_iss
     assert render_demo(result) in (ROOT / "BENCHMARKS.md").read_text()
     checked = verdicts(result)
     assert len(checked) == 6 and all(ok for _, _, ok in checked), checked
+
+
+def test_lock_environment_holds_the_locks_packages_and_not_the_machines_others(tmp_path):
+    """bench/lockenv.py, as the GPU runs use it: from this environment, with no wheels. A package the lock lacks
+    (scikit-learn, which transformers imports whenever it is installed) stays out; a namespace folder that two
+    distributions share keeps both (google/: protobuf, which wandb imports)."""
+    import subprocess
+
+    from bench.lockenv import link_files
+
+    if subprocess.run([sys.executable, "-c", "import sklearn, google.protobuf"]).returncode != 0:
+        pytest.skip("this environment lacks scikit-learn or protobuf")
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "lockenv.py"), str(env)], check=True, capture_output=True)
+    python = str(env / "bin" / "python")
+    assert subprocess.run([python, "-c", "import google.protobuf, transformers, peft, trl"], cwd=ROOT).returncode == 0
+    probe = subprocess.run([python, "-c", "import sklearn"], capture_output=True, text=True, cwd=ROOT)
+    assert probe.returncode != 0 and "No module named 'sklearn'" in probe.stderr
+
+    # A real google/ folder already there (a wheel's): the machine's google/protobuf goes inside it.
+    source, site = tmp_path / "machine", tmp_path / "site"
+    (source / "google" / "protobuf").mkdir(parents=True)
+    (source / "google" / "protobuf" / "__init__.py").write_text("")
+    (site / "google" / "other").mkdir(parents=True)
+    linked = link_files(source, site, [("google", "protobuf", "__init__.py"), ("..", "bin", "x")])
+    assert linked == [source / "google" / "protobuf"] and (site / "google" / "protobuf" / "__init__.py").is_file()
