@@ -41,7 +41,8 @@ def worker_decode(spec: dict) -> None:
     from medcot.modeling import plan_eval_model, select_backend
 
     setup_logging()
-    out: dict[str, Any] = {"label": spec["label"], "import_s": round(time.monotonic() - t_process, 1)}
+    out: dict[str, Any] = {"label": spec["label"], "kernel": spec.get("kernel", "auto"),
+                           "import_s": round(time.monotonic() - t_process, 1)}
     config = load_config(None, base_overrides({**spec, "backend": "transformers"})
                          + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}"])
     model_config, _ = plan_eval_model(config)

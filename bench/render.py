@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medcot.attention import GQA_DECODE  # (no torch at import)
+from medcot.attention import DECODE_KERNELS, GQA_DECODE  # (no torch at import)
 from medcot.modeling import checkpointing_name
 
 # Issue 5's targets (H100 80GB), checked in BENCHMARKS.md.
@@ -146,6 +146,7 @@ def render(results: dict) -> str:
         if run.get("exit") not in (None, 0):
             lines.append(f"| {variant} | (worker exit: {run['exit']}) | | | | |")
 
+    lines += _decode_lines(results.get("decode") or {})
     lines += ["", "## Issue 5's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
     for name, measured, ok in _targets(results, mfu):
         lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
@@ -197,6 +198,43 @@ def _chain_lines(chain: dict) -> list[str]:
     why = next((e.get("batch_size_why") for e in chain["stages"].values() if e.get("batch_size_why")), None)
     if why:
         lines += ["", f"eval.batch_size auto: {why}."]
+    return lines
+
+
+def _compile_time(entry: dict, name: str) -> float | None:
+    """One line of torch's compile_times() table ("name, seconds") in a decode worker's result."""
+    for line in (entry.get("compile_times") or "").splitlines():
+        key, _, value = line.partition(",")
+        if key.strip() == name:
+            return float(value)
+    return None
+
+
+def _decode_lines(decode: dict) -> list[str]:
+    """The decode section: each worker's compile (torch's own breakdown) and, where it ran every step, the steady
+    decoding step at batch 101 with 1,200-token answers."""
+    if not decode:
+        return []
+    lines = ["", "## Decoding (the evaluate job's generate at batch 101, 1,200 new tokens; each row a new process)", "",
+             "Compile = the first call's time beyond steady steps (prefill, compilation, CUDA-graph capture); torch's "
+             "own count of it: Dynamo and Inductor together, and Dynamo's tracing of the Python code alone. Steady = "
+             "the median decoding step of the full run.", "",
+             "| run | decoding-step attention | compile | torch: compile / tracing | steady step | steady tokens/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for label, e in decode.items():
+        full = e.get("full") or e.get("first") or {}
+        # Runs before the kernel was recorded name it in their label ("..., matmul"); earlier ones ran sdpa.
+        named = label.rpartition(", ")[2]
+        kernel = full.get("decode_attention") or e.get("kernel") or (named if named in DECODE_KERNELS else "sdpa")
+        compile_s = full.get("warmup_s") if full else None
+        if compile_s is None and e.get("first_40_steps_s") is not None:
+            compile_s = e["first_40_steps_s"]
+        step = (e.get("full") or {}).get("step_s")
+        torch_s = (f"{_fmt(_compile_time(e, '_compile.compile_inner'), '.1f', ' s')} / "
+                   f"{_fmt(_compile_time(e, 'bytecode_tracing'), '.1f', ' s')}")
+        lines.append(f"| {label} | {kernel} | {_fmt(compile_s, '.1f', ' s')}"
+                     f"{' (40 steps)' if 'first_40_steps_s' in e else ''} | {torch_s} | "
+                     f"{_fmt(step * 1000 if step else None, '.1f', ' ms')} | {_fmt(101 / step if step else None)} |")
     return lines
 
 

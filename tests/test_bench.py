@@ -85,6 +85,19 @@ def test_committed_chain_results_with_session_4s_tables_are_benchmarks_md():
     assert "| a second evaluate job compiles in <= 5 s | 9.5 s (without the cache: 10.3 s) | **miss** |" in table
     assert "| 2x4 | auto: none | 157.0 s | 12.3 s | 95.7 s | 4,784 | 20.9 GiB | 11.6255 | 20.9 s (1.19 s) | empty |" in table
     assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table  # session 4's
+
+
+SESSION6 = ("2026-12-02-h200-s6-decode1.json", "2026-12-02-h200-s6-decode2.json", "2026-12-02-h200-s6-decode3.json")
+
+
+def test_committed_decode_results_with_the_earlier_sessions_are_benchmarks_md():
+    table = render(committed(*SESSION4, *SESSION5, *SESSION6))
+    # The decoding step's attention kernels, each compiled and run in full; the cold and the cached compile.
+    assert "| empty cache | sdpa | 40.8 s | 35.9 s / 4.4 s | 20.4 ms | 4,951 |" in table
+    assert "| empty cache, efficient | efficient | 33.2 s | 30.0 s / 5.0 s | 18.4 ms | 5,489 |" in table
+    assert "| empty cache, matmul | matmul | 30.8 s | 27.1 s / 3.6 s | 37.7 ms | 2,679 |" in table
+    assert "| the first run's cache | sdpa | 9.1 s (40 steps) | 5.9 s / 4.0 s |" in table
+    assert "| **whole chain** | **341.0 s** |" in table  # session 5's chain stays: session 6's stopped at train
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
 
 
