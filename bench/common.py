@@ -47,6 +47,22 @@ def write_result(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def stop_after(steps: int):
+    """Stopping criteria for `generate` that end it after `steps` decoding steps, whatever max_new_tokens says (which
+    sizes the static KV cache, and so the compiled step): a short run of the full-length shapes."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return self.calls >= steps
+
+    return StoppingCriteriaList([StopAfter()])
+
+
 def base_overrides(spec: dict) -> list[str]:
     """Config overrides of the train and eval workers: the built model, 4-bit, the recipe's length, no tracking."""
     return [

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, write_result
+from bench.common import Session, base_overrides, stop_after, write_result
 from bench.model import N_SPECIAL
 
 
@@ -34,7 +34,6 @@ def _prompts(spec: dict, n: int) -> list[str]:
 def worker_decode(spec: dict) -> None:
     t_process = time.monotonic()
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     from medcot.cli import setup_logging
     from medcot.config import load_config
@@ -57,14 +56,6 @@ def worker_decode(spec: dict) -> None:
     batch, tokens = len(prompts), spec["new_tokens"]
     cuda = torch.cuda.is_available()
 
-    class StopAfter(StoppingCriteria):
-        def __init__(self, n: int):
-            self.n, self.calls = n, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.calls += 1
-            return self.calls >= self.n
-
     def short(steps: int) -> float:
         """`steps` decoding steps of the full-length generate: the same static cache, so the same compiled step."""
         tokenizer.padding_side = "left"
@@ -73,7 +64,7 @@ def worker_decode(spec: dict) -> None:
         with torch.inference_mode():
             model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
-                           stopping_criteria=StoppingCriteriaList([StopAfter(steps)]))
+                           stopping_criteria=stop_after(steps))
         if cuda:
             torch.cuda.synchronize()
         return round(time.monotonic() - t, 2)

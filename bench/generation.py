@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, write_result
+from bench.common import Session, base_overrides, stop_after, write_result
 from bench.model import N_SPECIAL
 
 
@@ -31,7 +31,6 @@ def worker_eval(spec: dict) -> None:
                          + [f"eval.weights={weights}", f"eval.attention={attention}"])
     model_config, _ = plan_eval_model(config)  # what jobs/evaluate.py does before it picks the backend
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     from medcot.evaluate import generate
     from medcot.modeling import load_with_adapter
@@ -43,14 +42,6 @@ def worker_eval(spec: dict) -> None:
     out: dict[str, Any] = {"variant": variant, "backend": runtime.backend, "adapter": str(adapter) if adapter else None,
                            "attention": None if runtime.backend == "unsloth" else model.config._attn_implementation,
                            "load_s": round(time.monotonic() - t0, 1), "batches": []}
-
-    class StopAfter(StoppingCriteria):
-        def __init__(self, n: int):
-            self.n, self.calls = n, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.calls += 1
-            return self.calls >= self.n
 
     rng = random.Random(0)
     n_words = spec["arch"]["vocab_size"] - N_SPECIAL
@@ -66,7 +57,7 @@ def worker_eval(spec: dict) -> None:
             warm = time.monotonic()
             with torch.inference_mode():
                 model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([StopAfter(16)]))
+                               pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop_after(16))
             entry["warmup_s"] = round(time.monotonic() - warm, 1)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
