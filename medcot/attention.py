@@ -13,7 +13,7 @@ training take transformers' own SDPA path unchanged.
 
 Which kernel computes that grouped step was measured in the compiled decoding step itself (bench/decode.py, an H200,
 batch 101, 1,412 cached positions): PyTorch's memory-efficient kernel (`efficient`), 18.4 ms a step; its default
-pick, cuDNN's fused attention (`sdpa`), 20.4 ms (it tiles 64 query rows, and a KV head here has 4); two batched
+pick, cuDNN's fused attention (`sdpa`), 20.4 ms (its kernel's name says 64-row query tiles; a KV head here has 4 query rows); two batched
 matrix products around an fp32 softmax (`matmul`), 37.7 ms (PyTorch runs a 16-bit product with fp32 output on a
 MAGMA kernel). Timed one call at a time outside the compiled step, cuDNN's came first, so the choice is not timed
 at run time: `auto` is `efficient` on GPUs where it runs 16-bit (compute capability 8.0 on),

@@ -140,7 +140,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     # A static KV cache compiles the decoding step for each batch size: a short last batch is filled up with copies
     # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
     same_shape = len(batches) > 1 and getattr(model.generation_config, "cache_implementation", None) == "static"
-    warmup, step_s, decode_attention = 0.0, None, None
+    warmup, step_s, decode_attention = 0.0, None, _decode_attention(model)
     for idx in batches:
         texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
@@ -153,7 +153,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
-        decode_attention = _decode_attention(model)
         # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
         out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
         progress.update(max(max_new_tokens - steps.steps, 0))
