@@ -1,12 +1,11 @@
 """The decode section: where an evaluate job's generation time goes, at the batch the chain uses (101 rows).
 
-Three workers, each a new process as an evaluate job is: the first on an empty compile cache (on a fresh machine,
-what the chain's evaluate-before pays), the second on another empty one (the same compile on a machine that has
-compiled once), the third on the first one's cache (what evaluate-after pays). Each reports its first short
-generate (prefill, compilation, CUDA-graph capture) with torch's own breakdown of the compile time
-(`torch._dynamo.utils.compile_times`). The first also times steady decoding with and without the evaluate job's
-per-step progress streamer, and profiles a few steps (the GPU kernels by time, and the wall time per step against
-the GPU's busy time), keeping the trace.
+One worker per value of --decode-kernels (eval.decode_kernel), each a new process on an empty compile cache of its
+own, as an evaluate job is: the evaluate job's `generate` in full (1,200 tokens), reporting the compile (prefill,
+compilation, CUDA-graph capture beyond steady steps) with torch's own breakdown of it
+(`torch._dynamo.utils.compile_times`) and the steady decoding step. The first also profiles 30 steps (the GPU
+kernels by time per step; the trace is kept). Then one more worker runs 40 steps of the same shapes from the first
+one's cache: what a second evaluate job pays to compile.
 """
 
 from __future__ import annotations
@@ -18,17 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, stop_after, write_result
-from bench.model import N_SPECIAL
-
-
-def _prompts(spec: dict, n: int) -> list[str]:
-    from medcot.prompts import inference_prompt
-
-    rng = random.Random(0)
-    n_words = spec["arch"]["vocab_size"] - N_SPECIAL
-    return [inference_prompt(" ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(rng.randint(40, 120))))
-            for _ in range(n)]
+from bench.common import Session, base_overrides, stop_after, synthetic_prompts, write_result
 
 
 def worker_decode(spec: dict) -> None:
@@ -52,7 +41,7 @@ def worker_decode(spec: dict) -> None:
     t0 = time.monotonic()
     model, tokenizer = load_with_adapter(config, runtime, None)
     out["load_s"] = round(time.monotonic() - t0, 1)
-    prompts = _prompts(spec, spec["batch"])
+    prompts = synthetic_prompts(random.Random(0), spec["arch"]["vocab_size"], spec["batch"])
     batch, tokens = len(prompts), spec["new_tokens"]
     cuda = torch.cuda.is_available()
 

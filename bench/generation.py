@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, stop_after, write_result
-from bench.model import N_SPECIAL
+from bench.common import Session, base_overrides, stop_after, synthetic_prompts, write_result
 
 
 def worker_eval(spec: dict) -> None:
@@ -34,7 +33,6 @@ def worker_eval(spec: dict) -> None:
 
     from medcot.evaluate import generate
     from medcot.modeling import load_with_adapter
-    from medcot.prompts import inference_prompt
 
     t0 = time.monotonic()
     adapter = Path(spec["adapter"]) if spec.get("adapter") else None
@@ -44,12 +42,9 @@ def worker_eval(spec: dict) -> None:
                            "load_s": round(time.monotonic() - t0, 1), "batches": []}
 
     rng = random.Random(0)
-    n_words = spec["arch"]["vocab_size"] - N_SPECIAL
     new_tokens = spec["new_tokens"]
     for batch in spec["batches"]:
-        # Questions of 40 to 120 words: prompts of unequal length, left-padded as the evaluate job does.
-        prompts = [inference_prompt(" ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(rng.randint(40, 120))))
-                   for _ in range(batch)]
+        prompts = synthetic_prompts(rng, spec["arch"]["vocab_size"], batch)
         entry: dict[str, Any] = {"batch": batch, "new_tokens": new_tokens}
         try:
             tokenizer.padding_side = "left"
