@@ -1,11 +1,12 @@
 """The decode section: where an evaluate job's generation time goes, at the batch the chain uses (101 rows).
 
-One worker per value of --decode-kernels (eval.decode_kernel), each a new process on an empty compile cache of its
-own, as an evaluate job is: the evaluate job's `generate` in full (1,200 tokens), reporting the compile (prefill,
-compilation, CUDA-graph capture beyond steady steps) with torch's own breakdown of it
-(`torch._dynamo.utils.compile_times`) and the steady decoding step. The first also profiles 30 steps (the GPU
-kernels by time per step; the trace is kept). Then one more worker runs 40 steps of the same shapes from the first
-one's cache: what a second evaluate job pays to compile.
+One worker per value of --decode-kernels ([eval.decoder:]eval.decode_kernel, e.g. `triton`, `transformers:efficient`),
+each a new process on an empty compile cache of its own, as an evaluate job is: the evaluate job's `generate` in full
+(1,200 tokens), reporting the compile (prefill, compilation, CUDA-graph capture beyond steady steps) with torch's own
+breakdown of it (`torch._dynamo.utils.compile_times`) and the steady decoding step. The first also profiles 30 steps
+(the GPU kernels by time per step; the trace is kept) and times the decoding attention alone (medcot.kernels against
+PyTorch's memory-efficient kernel over the whole cache) at three cache positions. Then one more worker runs 40 steps
+of the same shapes from the first one's cache: what a second evaluate job pays to compile.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def worker_decode(spec: dict) -> None:
 
     setup_logging()
     out: dict[str, Any] = {"label": spec["label"], "kernel": spec.get("kernel", "auto"),
-                           "import_s": round(time.monotonic() - t_process, 1)}
+                           "decoder": spec.get("decoder", "auto"), "import_s": round(time.monotonic() - t_process, 1)}
     config = load_config(None, base_overrides({**spec, "backend": "transformers"})
-                         + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}"])
+                         + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}",
+                            f"eval.decoder={spec.get('decoder', 'auto')}"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
     from medcot.evaluate import generate
@@ -45,15 +47,26 @@ def worker_decode(spec: dict) -> None:
     batch, tokens = len(prompts), spec["new_tokens"]
     cuda = torch.cuda.is_available()
 
+    from medcot.decoding import GraphDecoder
+    from medcot.evaluate import choose_decoder
+
+    decoder, _ = choose_decoder(config.eval.decoder, model, do_sample=False)
+
     def short(steps: int) -> float:
         """`steps` decoding steps of the full-length generate: the same static cache, so the same compiled step."""
         tokenizer.padding_side = "left"
         enc = tokenizer(sorted(prompts, key=len, reverse=True), return_tensors="pt", padding=True).to(model.device)
         t = time.monotonic()
-        with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
-                           stopping_criteria=stop_after(steps))
+        if decoder == "graph":
+            graph = GraphDecoder(model, batch=batch, cache_len=enc["input_ids"].shape[1] + tokens, eos_ids=[],
+                                 pad_id=tokenizer.pad_token_id, kernel=config.eval.decode_kernel)
+            graph.run(enc["input_ids"], enc["attention_mask"], max_new_tokens=steps, min_new_tokens=steps)
+            graph.close()
+        else:
+            with torch.inference_mode():
+                model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                               stopping_criteria=stop_after(steps))
         if cuda:
             torch.cuda.synchronize()
         return round(time.monotonic() - t, 2)
@@ -62,7 +75,7 @@ def worker_decode(spec: dict) -> None:
         stats: dict[str, Any] = {}
         t = time.monotonic()
         rows, _ = generate(model, tokenizer, prompts, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=batch,
-                           stats=stats)
+                           stats=stats, decoder=config.eval.decoder, decode_kernel=config.eval.decode_kernel)
         wall = time.monotonic() - t
         out["full"] = {"tokens": tokens, "wall_s": round(wall, 2), **stats,
                        "steady_tokens_per_s": round(batch / stats["step_s"], 1) if stats.get("step_s") else None,
@@ -75,6 +88,9 @@ def worker_decode(spec: dict) -> None:
     write_result(spec["result"], out)
     if not spec.get("profile"):
         return
+    if cuda:
+        out["attention_alone"] = attention_timings(batch, tokens)
+        write_result(spec["result"], out)
     from torch.profiler import ProfilerActivity, profile
 
     steps = 30
@@ -95,18 +111,48 @@ def worker_decode(spec: dict) -> None:
     write_result(spec["result"], out)
 
 
+def attention_timings(batch: int, tokens: int, prompt: int = 212) -> dict[str, Any]:
+    """Milliseconds per call of the decoding step's attention, the 8B model's shapes (8 KV heads of 4 query heads,
+    head size 128) over a cache of prompt + tokens positions, at the first, middle and last step: medcot.kernels
+    over each row's valid positions, and PyTorch's memory-efficient kernel over the whole cache under a mask."""
+    import torch
+
+    from medcot.decoding import gqa_decode
+
+    positions = prompt + tokens
+    q = torch.randn(batch, 8, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, 8, positions, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    start = torch.randint(0, 60, (batch,), device="cuda")
+    out: dict[str, Any] = {"positions": positions}
+    for slot in (prompt, prompt + tokens // 2, positions - 1):
+        slot_t = torch.tensor([slot], device="cuda")
+        for kernel in ("triton", "efficient"):
+            for _ in range(3):
+                gqa_decode(q, k, v, slot_t, start, 0.088, kernel)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(50):
+                gqa_decode(q, k, v, slot_t, start, 0.088, kernel)
+            end.record()
+            torch.cuda.synchronize()
+            out[f"{kernel}@{slot}"] = round(begin.elapsed_time(end) / 50, 4)
+    return out
+
+
 def run_section(session: Session, name: str) -> None:
     args = session.args
     out_dir = Path(args.out)
     kernels = args.decode_kernels.split(",")
-    caches = {k: session.work / f"compile-decode-{k}" for k in kernels}
+    caches = {k: session.work / f"compile-decode-{k.replace(':', '-')}" for k in kernels}
     for cache in caches.values():
         shutil.rmtree(cache, ignore_errors=True)
     runs = [(f"empty cache, {k}", k, {"full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
     runs.append((f"the first run's cache, {kernels[0]}", kernels[0], {}))
     results = session.results.setdefault("decode", {})
     for label, kernel, what in runs:
-        spec = {**session.common, **what, "label": label, "kernel": kernel, "batch": 8 if args.tiny else 101,
+        decoder, _, kernel_name = kernel.rpartition(":")
+        spec = {**session.common, **what, "label": label, "kernel": kernel_name, "decoder": decoder or "auto",
+                "batch": 8 if args.tiny else 101,
                 "new_tokens": 48 if args.tiny else 1200, "out_dir": str(out_dir),
                 "env": {"MEDCOT_COMPILE_CACHE": str(caches[kernel])}}
         results[label] = session.worker("decode", spec, f"decode {label}", cap_s=400)

@@ -17,7 +17,7 @@ python bench/run.py --lock-diff
 gpu_tests() {
   [ -n "${GPU_TESTS:-}" ] || return 0
   local start=$SECONDS
-  python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py > "$GPU_TESTS" 2>&1
+  python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py tests/test_decoding.py > "$GPU_TESTS" 2>&1
   echo "pytest -m gpu: exit $? after $((SECONDS - start)) s: $(tail -n 1 "$GPU_TESTS")" | tee -a "$GPU_TESTS"
 }
 [ -n "${GPU_TESTS_AFTER:-}" ] || gpu_tests

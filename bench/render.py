@@ -226,6 +226,8 @@ def _decode_lines(decode: dict) -> list[str]:
         # Runs before the kernel was recorded name it in their label ("..., matmul"); earlier ones ran sdpa.
         named = label.rpartition(", ")[2]
         kernel = full.get("decode_attention") or e.get("kernel") or (named if named in DECODE_KERNELS else "sdpa")
+        if full.get("decoder"):  # session 7 on: medcot's graph decoder or transformers' generate
+            kernel = f"{full['decoder']}: {kernel}"
         compile_s = full.get("warmup_s") if full else None
         if compile_s is None and e.get("first_40_steps_s") is not None:
             compile_s = e["first_40_steps_s"]

@@ -64,10 +64,11 @@ def grouped_attention(kernel: str, query: torch.Tensor, key: torch.Tensor, value
 
 def resolve_kernel(choice: str, device) -> str:
     """eval.decode_kernel for a model on `device`: `auto` is `efficient` on CUDA GPUs of compute capability 8.0 and
-    later (its 16-bit kernels), else `sdpa`; any other value as is."""
+    later (its 16-bit kernels), else `sdpa`; `triton` (medcot's decoder's own kernel, which needs each row's valid
+    range) the same as auto; any other value as is."""
     import torch
 
-    if choice != "auto":
+    if choice not in ("auto", "triton"):
         return choice
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return "efficient"

@@ -207,12 +207,21 @@ class EvalConfig(_Section):
         "steps attending the KV cache per KV head instead of copying it to every query head (medcot.attention); "
         "any other value is passed to transformers as attn_implementation (sdpa, eager, flash_attention_2...).",
     )
-    decode_kernel: Literal["auto", "sdpa", "efficient", "matmul"] = Field(
+    decoder: Literal["auto", "graph", "transformers"] = Field(
         "auto",
-        description="What computes a grouped decoding step's attention (eval.attention auto, on a GPU): sdpa = "
-        "PyTorch's choice of fused kernel, efficient = its memory-efficient kernel, matmul = two batched matrix "
-        "products around an fp32 softmax; auto = efficient on GPUs of compute capability 8.0 and later, else sdpa "
-        "(measured in the compiled decoding step: medcot.attention, BENCHMARKS.md).",
+        description="What decodes the answers: graph = medcot's greedy decoder (medcot.decoding: a static KV cache of "
+        "its own, one decoder layer compiled for all of them, each step replayed from a CUDA graph, attention over "
+        "each row's valid positions only); transformers = transformers' generate (with a static KV cache it compiles "
+        "on a GPU). auto = graph for Llama-architecture models on a GPU with 16-bit weights and greedy decoding, else "
+        "transformers.",
+    )
+    decode_kernel: Literal["auto", "triton", "sdpa", "efficient", "matmul"] = Field(
+        "auto",
+        description="What computes a decoding step's attention on a GPU: triton = medcot's split-KV kernel over each "
+        "row's valid cache positions (medcot.kernels; eval.decoder graph only); sdpa = PyTorch's choice of fused "
+        "kernel, efficient = its memory-efficient kernel, matmul = two batched matrix products around an fp32 "
+        "softmax, each over the whole cache under a mask; auto = triton for the graph decoder where Triton runs, "
+        "else efficient on GPUs of compute capability 8.0 and later, else sdpa (measured: BENCHMARKS.md).",
     )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
@@ -227,6 +236,13 @@ class EvalConfig(_Section):
         description="Questions answered before and after training and shown side by side in the report.",
     )
     mcq: list[McqSourceConfig] = Field(default_factory=list, description="Multiple-choice benchmarks to score.")
+
+    @model_validator(mode="after")
+    def _graph_decoder_is_greedy(self) -> EvalConfig:
+        if self.do_sample and self.decoder == "graph":
+            raise ValueError("eval.decoder graph decodes greedily: set eval.do_sample false, or eval.decoder auto or "
+                             "transformers to sample")
+        return self
 
 
 class LmEvalConfig(_Section):

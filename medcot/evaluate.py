@@ -117,13 +117,16 @@ class _DecodeSteps(BaseStreamer):
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int, do_sample: bool = False,
              temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate",
              add_special_tokens: bool = True, stop_ids: tuple[int, ...] = (),
-             stats: dict[str, float] | None = None) -> tuple[list[dict], float]:
+             stats: dict[str, Any] | None = None, decoder: str = "auto", decode_kernel: str = "auto",
+             ) -> tuple[list[dict], float]:
     """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
     similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
 
     `add_special_tokens=False` for prompts that carry their own (a rendered chat template); `stop_ids`: tokens that
-    end an answer besides the EOS of the tokenizer and of the generation config; `stats`, when given, receives
-    `warmup_s` (see _DecodeSteps.warmup_seconds, summed over batches) and `step_s` (the first batch's steady step).
+    end an answer besides the EOS of the tokenizer and of the generation config; `decoder`, `decode_kernel`:
+    eval.decoder and eval.decode_kernel (choose_decoder); `stats`, when given, receives the decoder, `warmup_s` (what
+    the prefill and first steps took beyond steady ones, summed over batches: compilation and CUDA-graph capture
+    where there are some) and `step_s` (the first batch's steady step).
     """
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -135,49 +138,144 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     t0 = time.monotonic()
     split = SplitState()
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    chosen, why = choose_decoder(decoder, model, do_sample)
+    log.info("%s: decoder %s (%s)", desc, chosen, why)
     # In decoding steps: each batch takes at most max_new_tokens; one that ends early skips the rest of its share.
     progress = Progress(f"{desc} ({len(prompts)} answers, batch {batch_size})", len(batches) * max_new_tokens, "steps")
     # A static KV cache compiles the decoding step for each batch size: a short last batch is filled up with copies
     # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
-    same_shape = len(batches) > 1 and getattr(model.generation_config, "cache_implementation", None) == "static"
+    static = getattr(model.generation_config, "cache_implementation", None) == "static"
+    same_shape = len(batches) > 1 and (static or chosen == "graph")
     warmup, step_s, decode_attention = 0.0, None, _decode_attention(model)
-    for idx in batches:
-        texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-        steps = _DecodeSteps(progress, eos_ids, len(idx))
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": tokenizer.pad_token_id,
-                                  "eos_token_id": eos_ids, "streamer": steps}
-        if do_sample:
-            kwargs["temperature"] = temperature
-        else:  # silence the sampling defaults a model's generation_config may carry
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if min_new_tokens:
-            kwargs["min_new_tokens"] = min_new_tokens
-        # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
-        out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id, state=split)
-        progress.update(max(max_new_tokens - steps.steps, 0))
-        warmup += steps.warmup_seconds()
-        step_s = step_s if step_s is not None else steps.step_seconds()
-        new = out[:, batch["input_ids"].shape[1]:]
-        for row, i in enumerate(idx):
-            tokens = new[row].tolist()
-            n = len(tokens)
-            for pos, tok in enumerate(tokens):
-                if tok in eos_ids:
-                    n = pos
-                    break
-            stopped = n < len(tokens)
-            results[i] = {
-                "text": tokenizer.decode(tokens[:n], skip_special_tokens=True),
-                "generated_tokens": n,
-                "prompt_tokens": int(batch["attention_mask"][row].sum()),
-                "hit_token_limit": not stopped and n >= max_new_tokens,
-            }
+    graph = None
+    if chosen == "graph":
+        longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"])
+        graph = _GraphRunner(model, cache_len=longest + max_new_tokens, eos_ids=eos_ids,
+                             pad_id=tokenizer.pad_token_id, kernel=decode_kernel, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens or 0)
+    try:
+        for idx in batches:
+            texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
+            if graph is not None:
+                graph.start_batch(progress, len(idx))
+                out = split_on_oom(graph, dict(batch), pad_value=tokenizer.pad_token_id, state=split)
+                done_steps, clock = graph.steps_done, graph.clock
+                decode_attention = graph.kernel
+            else:
+                steps = _DecodeSteps(progress, eos_ids, len(idx))
+                kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                          "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos_ids,
+                                          "streamer": steps}
+                if do_sample:
+                    kwargs["temperature"] = temperature
+                else:  # silence the sampling defaults a model's generation_config may carry
+                    kwargs.update(temperature=None, top_p=None, top_k=None)
+                if min_new_tokens:
+                    kwargs["min_new_tokens"] = min_new_tokens
+                out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id,
+                                   state=split)
+                done_steps, clock = steps.steps, steps
+            progress.update(max(max_new_tokens - done_steps, 0))
+            warmup += clock.warmup_seconds()
+            step_s = step_s if step_s is not None else clock.step_seconds()
+            new = out[:, batch["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                tokens = new[row].tolist()
+                n = len(tokens)
+                for pos, tok in enumerate(tokens):
+                    if tok in eos_ids:
+                        n = pos
+                        break
+                stopped = n < len(tokens)
+                results[i] = {
+                    "text": tokenizer.decode(tokens[:n], skip_special_tokens=True),
+                    "generated_tokens": n,
+                    "prompt_tokens": int(batch["attention_mask"][row].sum()),
+                    "hit_token_limit": not stopped and n >= max_new_tokens,
+                }
+    finally:
+        if graph is not None:
+            graph.close()
     progress.close()
     if stats is not None:
         stats["warmup_s"], stats["step_s"] = round(warmup, 2), step_s and round(step_s, 4)
-        stats["decode_attention"] = decode_attention
+        stats["decode_attention"], stats["decoder"], stats["decoder_why"] = decode_attention, chosen, why
+        stats["compile_s"] = graph.compile_seconds if graph is not None else None
     return [r for r in results if r is not None], time.monotonic() - t0
+
+
+def choose_decoder(choice: str, model, do_sample: bool) -> tuple[str, str]:
+    """(eval.decoder resolved for this model, why): see EvalConfig.decoder."""
+    from medcot import decoding
+
+    unsupported = decoding.supported(model)
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+    if choice == "graph":
+        if do_sample:
+            raise StageError("eval.decoder graph decodes greedily: set eval.do_sample false, or eval.decoder auto")
+        if unsupported or quantized:
+            raise StageError(f"eval.decoder graph cannot decode this model: {unsupported or 'quantized weights'}; "
+                             "set eval.decoder auto or transformers")
+        return "graph", "eval.decoder graph"
+    if choice == "transformers":
+        return "transformers", "eval.decoder transformers"
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    reasons = [r for r, bad in (("sampling", do_sample), ("not on a GPU", not on_gpu),
+                                ("quantized weights", quantized), (unsupported or "", bool(unsupported))) if bad]
+    if reasons:
+        return "transformers", "auto: " + ", ".join(reasons)
+    return "graph", "auto: greedy, 16-bit weights on a GPU, a Llama-architecture model"
+
+
+class _GraphRunner:
+    """split_on_oom's function for medcot.decoding: a GraphDecoder for the batch's row count (a new one, and the old
+    one's buffers given back, when an out-of-memory split changes it), progress and timing per batch."""
+
+    def __init__(self, model, *, cache_len: int, eos_ids: list[int], pad_id: int, kernel: str, max_new_tokens: int,
+                 min_new_tokens: int) -> None:
+        self.model, self.cache_len, self.eos_ids, self.pad_id, self.kernel_choice = model, cache_len, eos_ids, pad_id, kernel
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.decoder = None
+        self.kernel: str | None = None
+        self.compile_seconds: float | None = None
+
+    def start_batch(self, progress: Progress, rows: int) -> None:
+        from medcot.decoding import StepClock
+
+        self.progress, self.rows, self.steps_done, self.clock = progress, rows, 0, StepClock()
+
+    def _on_steps(self, steps: int, ended: int) -> None:
+        self.clock.mark(steps)
+        rate = min(self.rows, self.batch_rows) * steps / max(time.monotonic() - self.clock.t0, 1e-9)
+        self.progress.update(steps - self.steps_done, f"{min(ended, self.rows)}/{self.rows} answers ended, "
+                             f"{rate:.0f} tokens/s (at most)")
+        self.steps_done = steps
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        from medcot.decoding import GraphDecoder
+
+        self.batch_rows = rows = input_ids.shape[0]
+        try:
+            if self.decoder is None or self.decoder.batch != rows:
+                self.close()
+                self.decoder = GraphDecoder(self.model, batch=rows, cache_len=self.cache_len, eos_ids=self.eos_ids,
+                                            pad_id=self.pad_id, kernel=self.kernel_choice)
+                self.kernel = self.decoder.kernel
+            out = self.decoder.run(input_ids, attention_mask, max_new_tokens=self.max_new_tokens,
+                                   min_new_tokens=self.min_new_tokens, on_steps=self._on_steps)
+            if self.compile_seconds is None:
+                self.compile_seconds = self.decoder.compile_seconds
+            return out
+        except Exception:
+            self.close()  # an out-of-memory split retries with smaller buffers
+            raise
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
 
 def _decode_attention(model) -> str | None:
@@ -300,6 +398,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
             do_sample=config.eval.do_sample, temperature=config.eval.temperature, desc=name, stats=stats,
             # A rendered chat template holds its own BOS, and its answers end with the end of the assistant's turn.
             add_special_tokens=template != "chat", stop_ids=(answer_end_id(template, tokenizer),),
+            decoder=config.eval.decoder, decode_kernel=config.eval.decode_kernel,
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
@@ -307,7 +406,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
                    model="merged" if which == "after" else "base", weights="4bit" if runtime.load_in_4bit else runtime.dtype_name,
                    batch_size=batch, batch_size_why=batch_why, loss_batch_size=loss_batch, load_seconds=round(load_s, 2),
                    decode_warmup_seconds=stats["warmup_s"], decode_step_seconds=stats["step_s"],
-                   decode_attention=stats["decode_attention"])
+                   decode_attention=stats["decode_attention"], decoder=stats["decoder"],
+                   decoder_why=stats["decoder_why"], decode_compile_seconds=stats["compile_s"])
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:
