@@ -27,6 +27,7 @@ import triton.language as tl
 
 SPLIT = 256  # cache positions per program
 BLOCK = 64  # positions per inner step (a matrix product of [rows, head dim] x [head dim, BLOCK])
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit
@@ -101,12 +102,14 @@ def supports(head_dim: int, groups: int) -> bool:
 
 
 def gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot: torch.Tensor, start: torch.Tensor,
-               scale: float) -> torch.Tensor:
+               scale: float, *, split: int = SPLIT, block: int = BLOCK, num_warps: int = NUM_WARPS,
+               num_stages: int = NUM_STAGES) -> torch.Tensor:
     """Attention of query [b, kv_heads, groups, d] over cache positions [start[b], slot] of key/value
-    [b, kv_heads, positions, d] (last dimension contiguous); returns [b, kv_heads, groups, d] in query's dtype."""
+    [b, kv_heads, positions, d] (last dimension contiguous); returns [b, kv_heads, groups, d] in query's dtype.
+    The tile sizes default to the module's (bench/kernel_tune.py measures the others)."""
     batch, kv_heads, groups, dim = query.shape
     positions = key.shape[2]
-    chunks = triton.cdiv(positions, SPLIT)
+    chunks = triton.cdiv(positions, split)
     rows = max(16, triton.next_power_of_2(groups))  # tl.dot's smallest tile
     pairs = batch * kv_heads
     acc = torch.empty(pairs * chunks * rows * dim, device=query.device, dtype=torch.float32)
@@ -117,7 +120,8 @@ def gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot
         query, key, value, slot, start, acc, m, l_sum, scale,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
-        KV_HEADS=kv_heads, GROUPS=groups, ROWS=rows, DIM=dim, CHUNKS=chunks, SPLIT=SPLIT, BLOCK=BLOCK,
+        KV_HEADS=kv_heads, GROUPS=groups, ROWS=rows, DIM=dim, CHUNKS=chunks, SPLIT=split, BLOCK=block,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _combine[(pairs,)](acc, m, l_sum, out, GROUPS=groups, ROWS=rows, DIM=dim, CHUNKS=chunks)
     return out
