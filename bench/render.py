@@ -247,8 +247,17 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
     wall = chain.get("wall_s")
     out.append((f"whole chain <= {t['chain_wall_s']} s, downloads excluded", _fmt(wall, '.1f', ' s'),
                 None if wall is None else wall <= t["chain_wall_s"]))
-    rates = {s: e.get("tokens_per_s") for s, e in stages.items() if s.startswith("eval") and e.get("tokens_per_s")}
-    out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch",
+    evals = {s: e for s, e in stages.items() if s.startswith("eval")}
+    # Decoding as issue 15's own baselines were measured (the Generation table: after a warm-up of the same shapes),
+    # from the steady step; then the whole generate call, its compilation and the rows that ended early included.
+    steady = {s: e["batch_size"] / e["step_s"] for s, e in evals.items() if e.get("step_s") and e.get("batch_size")}
+    if steady:
+        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: steady decoding",
+                    ", ".join(f"{r:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, r in steady.items()),
+                    min(steady.values()) >= t["eval_tokens_per_s"]))
+    rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
+    out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch"
+                + (": the whole generate call (compile, early ends)" if steady else ""),
                 ", ".join(f"{r:,.0f} ({s}, batch {stages[s].get('batch_size')})" for s, r in rates.items()) or "—",
                 None if not rates else min(rates.values()) >= t["eval_tokens_per_s"]))
     second = stages.get("eval-after", {}).get("compile_s")
