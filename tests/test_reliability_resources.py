@@ -135,13 +135,17 @@ def _with_oom(monkeypatch, max_rows: int) -> list[list[int]]:
     return counters
 
 
-def test_evaluation_out_of_memory_retries_with_half_the_batch_and_gives_the_same_answers(eval_config, monkeypatch, caplog):
-    plain = eval_config("run_name=plain")
+@pytest.mark.parametrize("decoder", ["transformers", "graph"])
+def test_evaluation_out_of_memory_retries_with_half_the_batch_and_gives_the_same_answers(eval_config, monkeypatch, caplog,
+                                                                                         decoder):
+    """For medcot's graph decoder too: the failed batch's cache buffers are given back, and a decoder for half the
+    rows takes over."""
+    plain = eval_config("run_name=plain", f"eval.decoder={decoder}")
     assert evaluate_stage(plain, select_backend(plain.model), "before") == 0
     counters = _with_oom(monkeypatch, max_rows=2)
     caplog.set_level("WARNING")
 
-    config = eval_config()
+    config = eval_config(f"eval.decoder={decoder}")
     assert evaluate_stage(config, select_backend(config.model), "before") == 0
 
     (raised,) = counters
@@ -156,6 +160,7 @@ def test_evaluation_out_of_memory_retries_with_half_the_batch_and_gives_the_same
     (rows, summary), (plain_rows, plain_summary) = read(config.run_dir), read(plain.run_dir)
     assert [r["raw"] for r in rows] == [r["raw"] for r in plain_rows]
     assert summary["heldout_loss"]["loss"] == pytest.approx(plain_summary["heldout_loss"]["loss"], rel=1e-5)
+    assert summary["decoder"] == decoder
 
 
 def test_evaluation_out_of_memory_at_one_row_names_the_eval_overrides_and_publishes_nothing(eval_config, monkeypatch):
