@@ -174,6 +174,7 @@ class GraphDecoder:
         self.compile = cuda if compile is None else compile
         self.graph_enabled = cuda if graph is None else graph
         self.previous_attention = config._attn_implementation
+        self.cuda_graph: torch.cuda.CUDAGraph | None = None
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -181,11 +182,15 @@ class GraphDecoder:
         AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
         model.set_attn_implementation(IMPLEMENTATION)
         dtype = inner.embed_tokens.weight.dtype
-        for layer in inner.layers:
-            for name in ("medcot_k", "medcot_v"):
-                layer.self_attn.register_buffer(
-                    name, torch.zeros(batch, kv_heads, cache_len, head_dim, device=self.device, dtype=dtype),
-                    persistent=False)
+        try:
+            for layer in inner.layers:
+                for name in ("medcot_k", "medcot_v"):
+                    layer.self_attn.register_buffer(
+                        name, torch.zeros(batch, kv_heads, cache_len, head_dim, device=self.device, dtype=dtype),
+                        persistent=False)
+        except BaseException:  # out of memory: the model as it was, for a smaller batch or another decoder
+            self.close()
+            raise
         self.layers = list(inner.layers)
         if self.compile:
             self.layers = [torch.compile(layer, fullgraph=True, dynamic=False, backend=compile_backend)
@@ -203,7 +208,6 @@ class GraphDecoder:
         self.eos_columns = torch.zeros(config.vocab_size, dtype=torch.bool, **new)
         self.eos_columns[self.eos[self.eos < config.vocab_size]] = True
         self.pad = pad_id
-        self.cuda_graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0  # decoding steps run before the graph was captured (compile, warm-up)
         self.compile_seconds: float | None = None
 

@@ -271,3 +271,23 @@ def test_evaluate_stage_with_the_graph_decoder_records_it_and_logs_progress_ever
     assert steps and all("tokens/s" in line for line in steps)
     rows = [json.loads(line) for line in (config.run_dir / "eval-before" / "generations.jsonl").read_text().splitlines()]
     assert all(0 < r["generated_tokens"] <= 12 for r in rows)
+
+
+def test_a_decoder_whose_cache_does_not_fit_leaves_the_model_as_it_was(monkeypatch):
+    """Out of memory while allocating the cache (the second layer's keys here): no buffer stays, the attention is
+    restored."""
+    model = small_llama(layers=3)
+    zeros, calls = torch.zeros, []
+
+    def failing_zeros(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", failing_zeros)
+    with pytest.raises(torch.OutOfMemoryError):
+        GraphDecoder(model, batch=4, cache_len=40, eos_ids=[299], pad_id=0)
+    monkeypatch.setattr(torch, "zeros", zeros)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("medcot" in name for name, _ in model.named_buffers())
