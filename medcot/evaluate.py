@@ -245,12 +245,17 @@ class _GraphRunner:
         from medcot.decoding import StepClock
 
         self.progress, self.rows, self.steps_done, self.clock = progress, rows, 0, StepClock()
+        self.tokens, self.running = 0, None
 
     def _on_steps(self, steps: int, ended: int) -> None:
+        """Every decoding.CHECK_EVERY steps: the rows still running at the last check generated a token each step."""
         self.clock.mark(steps)
-        rate = min(self.rows, self.batch_rows) * steps / max(time.monotonic() - self.clock.t0, 1e-9)
+        running = self.running if self.running is not None else min(self.rows, self.batch_rows)
+        self.tokens += running * (steps - self.steps_done)
+        self.running = max(min(self.rows, self.batch_rows) - ended, 0)
+        rate = self.tokens / max(time.monotonic() - self.clock.t0, 1e-9)
         self.progress.update(steps - self.steps_done, f"{min(ended, self.rows)}/{self.rows} answers ended, "
-                             f"{rate:.0f} tokens/s (at most)")
+                             f"{rate:.0f} tokens/s")
         self.steps_done = steps
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
