@@ -146,40 +146,25 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     # of its last prompt (a decoding step costs about the same for a few more rows), whose answers are dropped.
     static = getattr(model.generation_config, "cache_implementation", None) == "static"
     same_shape = len(batches) > 1 and (static or chosen == "graph")
-    warmup, step_s, decode_attention = 0.0, None, _decode_attention(model)
-    graph = None
+    warmup, step_s = 0.0, None
     if chosen == "graph":
         longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"])
-        graph = _GraphRunner(model, cache_len=longest + max_new_tokens, eos_ids=eos_ids,
-                             pad_id=tokenizer.pad_token_id, kernel=decode_kernel, max_new_tokens=max_new_tokens,
-                             min_new_tokens=min_new_tokens or 0)
+        runner: _GraphRunner | _GenerateRunner = _GraphRunner(
+            model, cache_len=longest + max_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
+            kernel=decode_kernel, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or 0)
+    else:
+        runner = _GenerateRunner(model, eos_ids, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature)
     try:
         for idx in batches:
             texts = [prompts[i] for i in idx] + [prompts[idx[-1]]] * ((batch_size - len(idx)) if same_shape else 0)
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+            runner.start_batch(progress, len(idx))
             # On CUDA out-of-memory the batch is split in halves and retried (greedy output is the same).
-            if graph is not None:
-                graph.start_batch(progress, len(idx))
-                out = split_on_oom(graph, dict(batch), pad_value=tokenizer.pad_token_id, state=split)
-                done_steps, clock = graph.steps_done, graph.clock
-                decode_attention = graph.kernel
-            else:
-                steps = _DecodeSteps(progress, eos_ids, len(idx))
-                kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                          "pad_token_id": tokenizer.pad_token_id, "eos_token_id": eos_ids,
-                                          "streamer": steps}
-                if do_sample:
-                    kwargs["temperature"] = temperature
-                else:  # silence the sampling defaults a model's generation_config may carry
-                    kwargs.update(temperature=None, top_p=None, top_k=None)
-                if min_new_tokens:
-                    kwargs["min_new_tokens"] = min_new_tokens
-                out = split_on_oom(partial(model.generate, **kwargs), dict(batch), pad_value=tokenizer.pad_token_id,
-                                   state=split)
-                done_steps, clock = steps.steps, steps
-            progress.update(max(max_new_tokens - done_steps, 0))
-            warmup += clock.warmup_seconds()
-            step_s = step_s if step_s is not None else clock.step_seconds()
+            out = split_on_oom(runner, dict(batch), pad_value=tokenizer.pad_token_id, state=split)
+            progress.update(max(max_new_tokens - runner.steps_done, 0))
+            warmup += runner.clock.warmup_seconds()
+            step_s = step_s if step_s is not None else runner.clock.step_seconds()
             new = out[:, batch["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 tokens = new[row].tolist()
@@ -196,13 +181,12 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
                     "hit_token_limit": not stopped and n >= max_new_tokens,
                 }
     finally:
-        if graph is not None:
-            graph.close()
+        runner.close()
     progress.close()
     if stats is not None:
         stats["warmup_s"], stats["step_s"] = round(warmup, 2), step_s and round(step_s, 4)
-        stats["decode_attention"], stats["decoder"], stats["decoder_why"] = decode_attention, chosen, why
-        stats["compile_s"] = graph.compile_seconds if graph is not None else None
+        stats["decode_attention"], stats["decoder"], stats["decoder_why"] = runner.kernel, chosen, why
+        stats["compile_s"] = runner.compile_seconds
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
@@ -227,6 +211,39 @@ def choose_decoder(choice: str, model, do_sample: bool) -> tuple[str, str]:
     if reasons:
         return "transformers", "auto: " + ", ".join(reasons)
     return "graph", "auto: greedy, 16-bit weights on a GPU, a Llama-architecture model"
+
+
+class _GenerateRunner:
+    """split_on_oom's function for transformers' `generate`, with the progress and timing of each batch
+    (_DecodeSteps, its streamer)."""
+
+    compile_seconds = None
+
+    def __init__(self, model, eos_ids: list[int], *, pad_id: int, max_new_tokens: int, min_new_tokens: int | None,
+                 do_sample: bool, temperature: float) -> None:
+        self.model, self.eos_ids = model, eos_ids
+        self.kernel = _decode_attention(model)
+        self.kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                       "pad_token_id": pad_id, "eos_token_id": eos_ids}
+        if do_sample:
+            self.kwargs["temperature"] = temperature
+        else:  # silence the sampling defaults a model's generation_config may carry
+            self.kwargs.update(temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:
+            self.kwargs["min_new_tokens"] = min_new_tokens
+
+    def start_batch(self, progress: Progress, rows: int) -> None:
+        self.clock = _DecodeSteps(progress, self.eos_ids, rows)
+
+    @property
+    def steps_done(self) -> int:
+        return self.clock.steps
+
+    def __call__(self, **batch: torch.Tensor) -> torch.Tensor:
+        return self.model.generate(**batch, **self.kwargs, streamer=self.clock)
+
+    def close(self) -> None:
+        pass
 
 
 class _GraphRunner:
