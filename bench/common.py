@@ -167,3 +167,18 @@ def merge_results(parts: list[dict]) -> dict:
         for key in ("train", "reference", "eval", "decode"):
             merged[key].update(part.get(key, {}))
     return merged
+
+
+def timed(fn, reps: int = 50) -> float:
+    """Milliseconds per call of `fn` on the GPU (CUDA events over `reps` calls, after 3 warm-up calls)."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / reps

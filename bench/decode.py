@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, stop_after, synthetic_prompts, write_result
+from bench.common import Session, base_overrides, stop_after, synthetic_prompts, timed, write_result
 
 
 def worker_decode(spec: dict) -> None:
@@ -127,15 +127,8 @@ def attention_timings(batch: int, tokens: int, prompt: int = 212) -> dict[str, A
     for slot in (prompt, prompt + tokens // 2, positions - 1):
         slot_t = torch.tensor([slot], device="cuda")
         for kernel in ("triton", "efficient"):
-            for _ in range(3):
-                gqa_decode(q, k, v, slot_t, start, 0.088, kernel)
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(50):
-                gqa_decode(q, k, v, slot_t, start, 0.088, kernel)
-            end.record()
-            torch.cuda.synchronize()
-            out[f"{kernel}@{slot}"] = round(begin.elapsed_time(end) / 50, 4)
+            out[f"{kernel}@{slot}"] = round(timed(lambda kernel=kernel, slot_t=slot_t: gqa_decode(
+                q, k, v, slot_t, start, 0.088, kernel)), 4)
     return out
 
 

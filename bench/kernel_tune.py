@@ -20,22 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import timed  # noqa: E402
 from medcot import kernels  # noqa: E402
 from medcot.decoding import gqa_decode  # noqa: E402
 
 PROMPT, TOKENS, KV_HEADS, GROUPS, DIM = 212, 1200, 8, 4, 128
-
-
-def timed(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / reps
 
 
 def main() -> None:

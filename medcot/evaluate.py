@@ -14,7 +14,6 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -76,14 +75,18 @@ def eval_items(config: RunConfig, heldout: list[Example]) -> list[EvalItem]:
 
 class _DecodeSteps(BaseStreamer):
     """Fed by `generate` with the prompts, then with each row's new token at every decoding step: moves `progress`
-    one step at a time, so that a batch of long answers shows its rate and time left while it decodes."""
+    one step at a time, so that a batch of long answers shows its rate and time left while it decodes; marks each
+    step on a StepClock (medcot.decoding) for the steady step and the warm-up."""
+
+    FIRST = 3  # steps left out of the steady step: compilation and CUDA-graph capture land in them
 
     def __init__(self, progress: Progress, eos_ids: list[int], rows: int) -> None:
+        from medcot.decoding import StepClock
+
         self.progress, self.eos, self.rows = progress, torch.tensor(eos_ids), rows  # rows past `rows` are filler
         self.steps = self.tokens = 0
         self.finished = torch.zeros(0, dtype=torch.bool)
-        self.t0 = time.monotonic()
-        self.times: list[float] = []
+        self.clock = StepClock()
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:  # the prompts of a (sub-)batch: decoding starts
@@ -92,25 +95,21 @@ class _DecodeSteps(BaseStreamer):
         self.tokens += int((~self.finished).sum())
         self.finished |= torch.isin(value.view(-1)[:len(self.finished)], self.eos)
         self.steps += 1
-        self.times.append(time.monotonic())
-        rate = self.tokens / max(self.times[-1] - self.t0, 1e-9)
+        self.clock.mark(self.steps)
+        rate = self.tokens / max(self.clock.marks[-1][1] - self.clock.t0, 1e-9)
         self.progress.update(1, f"{int(self.finished.sum())}/{len(self.finished)} answers ended, {rate:.0f} tokens/s")
 
     def end(self) -> None:
         pass
 
-    def step_seconds(self, first: int = 3) -> float | None:
+    def step_seconds(self) -> float | None:
         """The median decoding step after the first ones: the steady cost of one step for this batch."""
-        if len(self.times) <= 2 * first:
-            return None
-        gaps = sorted(b - a for a, b in pairwise(self.times[first:]))
-        return gaps[len(gaps) // 2]
+        return self.clock.step_seconds(self.FIRST) if self.steps > 2 * self.FIRST else None
 
-    def warmup_seconds(self, first: int = 3) -> float:
+    def warmup_seconds(self) -> float:
         """How much longer the prefill and the first decoding steps took than steady steps: the compilation (and
         CUDA-graph capture) that a static KV cache pays for each new batch shape, or ~0 where nothing compiles."""
-        step = self.step_seconds(first)
-        return 0.0 if step is None else max(self.times[first - 1] - self.t0 - first * step, 0.0)
+        return self.clock.warmup_seconds(self.FIRST) if self.steps > 2 * self.FIRST else 0.0
 
 
 @torch.inference_mode()
