@@ -86,6 +86,7 @@ def stage_entry(run_dir: Path, stage: str, wall_s: float, rc: int | str, cache_f
                      steps=summary.get("global_step"), first_step_s=first, median_step_s=median,
                      compile_s=round(first - median, 1) if first is not None and median is not None else None,
                      tokens_per_s=summary.get("train_tokens_per_s"), checkpointing=summary.get("gradient_checkpointing"),
+                     torch_compile_s=summary.get("torch_compile_s"), torch_compiled_frames=summary.get("torch_compiled_frames"),
                      losses=[x["loss"] for x in summary.get("losses", [])])
     if stage == "merge" and manifest:
         entry.update(bytes=(manifest.get("extra") or {}).get("bytes"))

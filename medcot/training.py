@@ -146,6 +146,18 @@ class ProgressLog(TrainerCallback):
         return control
 
 
+def torch_compile_totals() -> tuple[float, int]:
+    """(seconds, frames) torch.compile has spent in this process so far: Dynamo's tracing and Inductor's code
+    generation of every frame it compiled, recompilations included (Unsloth's compiled blocks and loss); not Triton's
+    first launch of a kernel, which torch does not count."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:  # a torch without Dynamo's metrics: nothing to count
+        return 0.0, 0
+    times = compilation_time_metrics.get("_compile.compile_inner", [])
+    return float(sum(times)), len(times)
+
+
 def peak_memory_gib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -270,10 +282,13 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
 
     stop = GracefulStop()
     progress = ProgressLog(runtime.device)
+    t_setup = time.monotonic()
     trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir, [CheckpointMarker(), progress, stop])
+    setup_s = time.monotonic() - t_setup
     if runtime.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stop.install()
+    compile0 = torch_compile_totals()
     t0 = time.monotonic()
     try:
         with resource_errors(config, "train", checkpoint_dir, lambda: _last_checkpoint_text(checkpoint_dir)):
@@ -281,6 +296,7 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
     finally:
         stop.uninstall()
     runtime_s = time.monotonic() - t0
+    compile_s, compiled_frames = (now - before for now, before in zip(torch_compile_totals(), compile0, strict=True))
     state = trainer.state
     losses = [{"step": h["step"], "loss": h["loss"]} for h in state.log_history if "loss" in h]
     tokens = state.num_input_tokens_seen
@@ -295,6 +311,7 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
         "losses": losses,
         "log_history": [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in state.log_history],
+        "trainer_setup_s": round(setup_s, 2),
         "train_runtime_s": round(runtime_s, 2),
         "train_tokens": int(tokens),
         "train_tokens_per_s": round(tokens / runtime_s, 1) if runtime_s > 0 else None,
@@ -303,7 +320,14 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         "global_batch_size": config.training.per_device_train_batch_size * config.training.gradient_accumulation_steps
         * trainer.args.world_size,
         **progress.step_times(),
+        # torch's own count of its compilation during training (most of it in the first step, the rest where a new
+        # shape recompiles a block): with first_step_s and median_step_s, what the first step's extra time was.
+        "torch_compile_s": round(compile_s, 2),
+        "torch_compiled_frames": compiled_frames,
     }
+    if summary["first_step_s"] is not None:
+        log.info("first step %.1f s (torch compiled %d frames in %.1f s in all), then %.2f s a step",
+                 summary["first_step_s"], compiled_frames, compile_s, summary["median_step_s"])
     return trainer, summary, stop.signal_name
 
 
@@ -376,8 +400,10 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
             log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
     dist.wait_for_everyone()
 
+    t_data = time.monotonic()
     tokenizer = load_tokenizer(resolve_model_path(config.model.name), config.model.revision)
     data = prepare(config.data, tokenizer, config.model.max_seq_length)
+    data_s = time.monotonic() - t_data
     log.info("%s", data.report.summary())
 
     # Checkpointing changes memory and speed, not the result: the config hash (resume) keeps the value as written.
@@ -403,7 +429,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         )
         return 143 if stopped_by == "SIGTERM" else 130
 
-    summary.update(model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict(),
+    summary.update(data_s=round(data_s, 2), model_load_s=round(load_s, 2), trainable_params=trainable, data=data.report.to_dict(),
                    world_size=dist.num_processes)
     if dist.is_main_process:
         with run.publishing("train", config_hash, inputs, started=started) as (tmp, manifest):

@@ -151,6 +151,29 @@ def test_padding_free_layout_flattens_the_micro_batch_and_computes_the_same_loss
     assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
 
 
+def test_one_global_batch_in_any_layout_trains_the_same_loss_curve(tiny_config):
+    """8 rows a step as 2 x 4 accumulated padded micro-batches (the recipe's notebook), as one padded micro-batch, or
+    as one padding-free sequence: the same rows reach each optimizer step and the loss is the token mean over all of
+    them, so the logged losses and the trained adapter agree, whatever the layout."""
+    from safetensors.torch import load_file
+
+    curves, adapters = {}, {}
+    for name, micro, accum, padding_free in (("2x4", 2, 4, "false"), ("8x1", 8, 1, "false"), ("8x1-flat", 8, 1, "true")):
+        config = load_config(None, tiny_config(
+            f"run_name=layout-{name}", f"training.per_device_train_batch_size={micro}",
+            f"training.gradient_accumulation_steps={accum}", f"training.padding_free={padding_free}"))
+        assert train_stage(config, select_backend(config.model)) == 0
+        summary = json.loads((config.run_dir / "train" / "summary.json").read_text())
+        assert summary["global_batch_size"] == 8
+        curves[name] = [h["loss"] for h in summary["losses"]]
+        adapters[name] = load_file(config.run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    assert len(curves["2x4"]) == 4 and len(set(curves["2x4"])) > 1  # four steps that moved the loss
+    for name in ("8x1", "8x1-flat"):
+        assert curves[name] == pytest.approx(curves["2x4"], rel=1e-4), name
+        for key, weight in adapters["2x4"].items():
+            torch.testing.assert_close(adapters[name][key], weight, rtol=1e-3, atol=1e-5, msg=f"{name} {key}")
+
+
 def test_padding_free_left_unset_is_not_passed_on(tiny_config, tmp_path):
     from medcot.training import sft_config
 
