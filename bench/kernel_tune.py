@@ -58,7 +58,7 @@ def main() -> None:
                 ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                        attn_mask=mask[:, None, None], scale=scale)
                 worst = max(worst, (out.float() - ref).abs().max().item())
-            times = {f"{b}@{s}": timed(lambda b=b, s=s: kernels.gqa_decode(
+            times = {f"{b}@{s}": timed(lambda b=b, s=s, options=options: kernels.gqa_decode(
                 *inputs[b][:3], torch.tensor([s], device="cuda"), inputs[b][3], scale, **options)) for b, s in cases}
         except Exception as error:  # a tile that does not fit the GPU's shared memory
             rows.append({**options, "error": f"{type(error).__name__}: {str(error)[:120]}"})
