@@ -62,11 +62,12 @@ DOWNLOAD_4BIT_GB_PER_B = 0.75
 # adds about 0.52% of the base's parameters.
 LORA_GB_PER_B_AT_R16 = 0.084
 # Activations per billion parameters, per row of a micro-batch and per 1024 tokens of max_seq_length. With
-# checkpointing: chosen so that the reference recipe (8B, 2 x 2048) comes to the ~8 GB its issue states (measured
-# on an H100: 6.8 GiB peak, Unsloth's offloaded checkpointing). Without: from the same model's 20.8 GiB peak
-# at 2 x 2048 (BENCHMARKS.md), less its ~5.7 GiB of weights and optimizer state. `auto` is sized as checkpointed,
-# the least it needs: the train job turns checkpointing off only where the GPU has room.
-ACTIVATION_GB_PER_B = 0.06
+# checkpointing: from the same 8B model's peaks with Unsloth's offloaded checkpointing on an H100 (BENCHMARKS.md),
+# 6.8 GiB at 2 x 2048 and 9.9 GiB at 8 x 2048 (8.8 padding-free): 0.51 GiB a row of 2,048 tokens above the weights,
+# LoRA states and CUDA context counted here; the recipe's 8 x 1 comes to ~10.6 GB. Without: from its 20.8 GiB peak
+# at 2 x 2048, less its ~5.7 GiB of weights and optimizer state. `auto` is sized as checkpointed, the least it
+# needs: the train job turns checkpointing off only where the GPU has room.
+ACTIVATION_GB_PER_B = 0.035
 ACTIVATION_GB_PER_B_NO_CHECKPOINTING = 0.5
 CUDA_CONTEXT_GB = 1.0
 CHECKPOINTS_GB = 1.0

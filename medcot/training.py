@@ -197,15 +197,14 @@ def report_to(config: RunConfig) -> list[str]:
 
 
 def _batch_layout(config: RunConfig, runtime: Runtime) -> dict[str, bool]:
-    """training.padding_free, resolved. Left unset on Hopper (sm90) or newer, Unsloth would keep padding-free there
-    (it has not measured those GPUs); on an H100, padded batches trained 1.6x faster at 2x2048 (BENCHMARKS.md),
-    because without FlashAttention padding-free batches skip Unsloth's compiled blocks. Elsewhere Unsloth decides
-    from its own measurements (A100, L4, T4)."""
+    """training.padding_free, resolved: as set; else padding-free on the Unsloth path and padded (TRL's default) on the
+    transformers path. With the reference rows (a log-normal spread of lengths, mean 1,000 tokens) padding-free won on
+    an H200 at 8 rows a micro-batch, 0.64 s a step against 0.78 s padded, although only padded batches let Unsloth
+    compile its decoder blocks (BENCHMARKS.md, session 8); at rows of one length, where it saves nothing, it was 3-8%
+    slower (H100). Set here rather than left to Unsloth, so that the layout does not depend on its heuristics."""
     if config.training.padding_free is not None:
         return {"padding_free": config.training.padding_free}
-    if runtime.backend == "unsloth" and torch.cuda.get_device_capability() >= (9, 0):
-        return {"padding_free": False}
-    return {}
+    return {"padding_free": runtime.backend == "unsloth"}
 
 
 def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFTConfig:
@@ -319,6 +318,7 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         "peak_memory_kind": "cuda_max_allocated" if runtime.device == "cuda" else "process_max_rss",
         "global_batch_size": config.training.per_device_train_batch_size * config.training.gradient_accumulation_steps
         * trainer.args.world_size,
+        "padding_free": bool(getattr(trainer.args, "padding_free", False)),  # the layout the trainer used
         **progress.step_times(),
         # torch's own count of its compilation during training (most of it in the first step, the rest where a new
         # shape recompiles a block): with first_step_s and median_step_s, what the first step's extra time was.

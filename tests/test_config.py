@@ -24,7 +24,7 @@ def test_defaults_are_the_reference_recipe():
     assert c.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (c.lora.use_gradient_checkpointing, c.lora.random_state, c.lora.use_rslora, c.lora.loftq) == ("auto", 3407, False, False)
     t = c.training
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (2, 4, 5, 60)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.warmup_steps, t.max_steps) == (8, 1, 5, 60)
     assert (t.learning_rate, t.optim, t.weight_decay, t.lr_scheduler_type, t.seed, t.logging_steps) == (
         2e-4, "adamw_8bit", 0.01, "linear", 3407, 10)
     assert c.output_dir == "outputs"
