@@ -105,10 +105,18 @@ def render(results: dict) -> str:
 
     # Runs since the compile cache (issue 15) record the first step and which cache they started from.
     steps = any("first_step_s" in e for e in results["reference"].values())
-    lines += ["", "## Reference workload (the train job: 500 rows, 60 steps; wall time includes import and load)", "",
-              "| micro-batch x accumulation | checkpointing | wall | model load | train | tokens/s | peak GPU memory | final loss |"
-              + (" first step (steady step) | compile cache |" if steps else ""),
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | --- |" if steps else "")]
+    # Since session 8: the start-up (before the job's own work) and torch's own count of its compilation.
+    split = any("startup_s" in e for e in results["reference"].values())
+    lines += ["", "## Reference workload (the train job: 500 rows, 60 steps; wall time includes import and load)", ""]
+    if split:
+        lines += ["Start-up = the wall time before the job's own work began (interpreter, `import unsloth`, CUDA, config). "
+                  "Torch compile = Dynamo's and Inductor's own count during training, and the frames compiled (Unsloth "
+                  "compiles its decoder blocks for padded batches only); the first step's remaining extra time is "
+                  "Triton's kernels (cached in the compile cache) and first-use set-up.", ""]
+    lines += ["| micro-batch x accumulation | checkpointing | wall | model load | train | tokens/s | peak GPU memory | final loss |"
+              + (" first step (steady step) | compile cache |" if steps else "") + (" start-up | torch compile |" if split else ""),
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | --- |" if steps else "")
+              + (" ---: | ---: |" if split else "")]
     for e in results["reference"].values():
         losses = e.get("losses") or [None]
         flags = e.get("training") or ({"padding_free": False} if e.get("env") else {})
@@ -122,7 +130,8 @@ def render(results: dict) -> str:
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |"
                      + (f" {_fmt(e.get('first_step_s'), '.1f', ' s')} ({_fmt(e.get('median_step_s'), '.2f', ' s')}) | "
-                        f"{e.get('compile_cache', '—')} |" if steps else ""))
+                        f"{e.get('compile_cache', '—')} |" if steps else "")
+                     + (f" {_fmt(e.get('startup_s'), '.1f', ' s')} | {_compile_text(e)} |" if split else ""))
     ref_loss = _loss_agreement(results["reference"])
     if ref_loss:
         lines.append(f"\n{ref_loss}")
@@ -265,11 +274,21 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
     out.append((f"a second evaluate job compiles in <= {t['second_eval_compile_s']} s",
                 f"{_fmt(second, '.1f', ' s')} (without the cache: {_fmt(cold, '.1f', ' s')})",
                 None if second is None else second <= t["second_eval_compile_s"]))
-    walls = {k: e["wall_s"] for k, e in results["reference"].items() if e.get("exit_code") == 0 and "compile_cache" in e}
-    out.append((f"reference <= {t['reference_wall_s']} s", ", ".join(f"{w:.1f} s ({k}, {results['reference'][k]['compile_cache']} "
-                                                                      "compile cache)" for k, w in walls.items()) or "—",
-                None if not walls else min(walls.values()) <= t["reference_wall_s"]))
+    # Judged apart: with the compile cache an earlier train job filled (as the issue's 106.4 s baseline ran, with
+    # Triton's cache of the machine), and with an empty one (the first train job on a new machine).
+    for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
+        walls = {k: e["wall_s"] for k, e in results["reference"].items()
+                 if e.get("exit_code") == 0 and e.get("compile_cache") == cache}
+        out.append((f"reference <= {t['reference_wall_s']} s, {label}", ", ".join(f"{w:.1f} s ({k})" for k, w in walls.items()) or "—",
+                    None if not walls else min(walls.values()) <= t["reference_wall_s"]))
     return out
+
+
+def _compile_text(entry: dict) -> str:
+    seconds, frames = entry.get("torch_compile_s"), entry.get("torch_compiled_frames")
+    if seconds is None:
+        return "—"
+    return f"{seconds:.1f} s ({frames} frame{'' if frames == 1 else 's'})"
 
 
 def _loss_agreement(reference: dict) -> str | None:

@@ -64,6 +64,43 @@ def overrides(backend: str, model_dir: Path, work: Path) -> list[str]:
     ]
 
 
+def padding_free_isolation(backend: str, model_dir: Path, work: Path, runtime, extra: tuple[str, ...] = ()) -> dict:
+    """The train job's padding-free batch of 4 rows (its collator; the backend's model with LoRA, as training runs it)
+    against each row alone: the largest difference of any row's logits. Beside it, what a row's logits become when
+    the row before it is in its context (the two concatenated, as a layout that ignored the boundaries would see
+    them): the size of the error the check must catch. Only position ids say where one row ends."""
+    from medcot.config import load_config
+    from medcot.data import prepare
+    from medcot.modeling import add_lora, load_model
+    from medcot.training import build_dataset, build_trainer
+
+    cfg = load_config(None, overrides(backend, model_dir, work) + [
+        f"run_name={backend}-isolation", "training.padding_free=true", "training.per_device_train_batch_size=4",
+        "training.gradient_accumulation_steps=1", *extra])
+    model, tok = load_model(cfg, runtime, for_training=True)
+    model = add_lora(model, cfg.lora, runtime, cfg.model.max_seq_length)
+    data = prepare(cfg.data, tok, cfg.model.max_seq_length)
+    trainer = build_trainer(cfg, runtime, model, tok, build_dataset(data.train[:4], tok), work / "isolation", [])
+    batch = {k: v.to(runtime.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    starts = (positions[0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+    model.eval()
+    isolated, leaked = 0.0, float("inf")
+    with torch.no_grad(), torch.autocast(runtime.device, dtype=torch.bfloat16, enabled=runtime.device == "cuda"):
+        packed = model(input_ids=ids, position_ids=positions).logits.float()
+        for i, (a, b) in enumerate(zip(starts, starts[1:])):
+            alone = model(input_ids=ids[:, a:b]).logits.float()
+            isolated = max(isolated, float((packed[:, a:b] - alone).abs().max()))
+            if i:  # the row with the one before it in its context
+                prev = starts[i - 1]
+                joined = model(input_ids=ids[:, prev:b]).logits.float()[:, a - prev:]
+                leaked = min(leaked, float((joined - alone).abs().max()))
+    del model, trainer
+    if runtime.device == "cuda":
+        torch.cuda.empty_cache()
+    return {"rows": len(starts) - 1, "isolated_max_diff": isolated, "leaked_max_diff": leaked}
+
+
 def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
     """Train job, inference with the adapter, merge job; in this process, which must not have imported
     transformers yet. Returns what the tests check."""
@@ -113,6 +150,8 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
         assert train_stage(cfg, runtime) == 0
         losses = json.loads((cfg.run_dir / "train" / "summary.json").read_text())["losses"]
         result["layouts"][name] = [x["loss"] for x in losses]
+
+    result["isolation"] = padding_free_isolation(backend, model_dir, work, runtime)
 
     from medcot.merge import merged_model_config
     from medcot.modeling import plan_eval_model
@@ -232,6 +271,14 @@ def test_the_batch_layouts_of_one_global_batch_train_the_same_loss_curve(pipelin
     for layout in ("8x1-padded", "8x1-padding-free"):
         # bf16 kernels on other shapes round differently; a changed gradient would move the later steps by far more.
         assert layouts[layout] == pytest.approx(reference, rel=1e-2), (layout, layouts[layout], reference)
+
+
+def test_padding_free_rows_do_not_attend_to_each_other(pipeline):
+    iso = pipeline["isolation"]
+    assert iso["rows"] == 4, iso
+    # A row in the padding-free batch must match the row alone far more closely than it would with its neighbour in
+    # context (bf16 rounding on other shapes is all that may differ).
+    assert iso["leaked_max_diff"] > 0 and iso["isolated_max_diff"] < 0.1 * iso["leaked_max_diff"], iso
 
 
 def test_evaluate_after_loads_the_merged_folder_in_4bit_where_16bit_does_not_fit(pipeline):
