@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def padding_free_isolation(backend: str, model_dir: Path, work: Path, runtime, e
     isolated, leaked = 0.0, float("inf")
     with torch.no_grad(), torch.autocast(runtime.device, dtype=torch.bfloat16, enabled=runtime.device == "cuda"):
         packed = model(input_ids=ids, position_ids=positions).logits.float()
-        for i, (a, b) in enumerate(zip(starts, starts[1:])):
+        for i, (a, b) in enumerate(pairwise(starts)):
             alone = model(input_ids=ids[:, a:b]).logits.float()
             isolated = max(isolated, float((packed[:, a:b] - alone).abs().max()))
             if i:  # the row with the one before it in its context
