@@ -116,6 +116,21 @@ def test_committed_graph_decoder_results_with_the_earlier_sessions_are_benchmark
     assert "steady decoding | 10,978 (eval-before, batch 101), 10,978 (eval-after, batch 101) | **pass** |" in table
     assert ("the whole generate call (compile, early ends) | 6,435 (eval-before, batch 101), 7,493 (eval-after, "
             "batch 101) | **miss** |") in table
+
+
+SESSION8 = ("2026-12-02-h200-s8-reference.json",)
+
+
+def test_committed_padding_free_reference_with_the_earlier_sessions_is_benchmarks_md():
+    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8))
+    # The recipe's 8 rows in one padding-free micro-batch beside the 2 x 4 it replaced, with where the time went.
+    assert ("| 8x1, padding-free | auto: none | 88.7 s | 8.4 s | 52.5 s | 8,718 | 46.1 GiB | 11.6249 | 6.9 s (0.64 s) "
+            "| shared | 24.2 s | 0.0 s (0 frames) |") in table
+    assert "| 2x4 | auto: none | 132.2 s |" in table and "| 20.3 s (1 frame) |" in table
+    # Judged per compile-cache state: it passes with an earlier job's cache and misses, by 2.7 s, without one.
+    assert "88.7 s (8x1:auto:padding_free) | **pass** |" in table
+    assert "| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in table
+    assert "8x1:auto:padding_free vs 2x4:auto: largest per-step loss difference 0.0027 over 60 steps" in table
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
 
 
