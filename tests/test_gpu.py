@@ -88,7 +88,8 @@ def padding_free_isolation(backend: str, model_dir: Path, work: Path, runtime, e
     model.eval()
     isolated, leaked = 0.0, float("inf")
     with torch.no_grad(), torch.autocast(runtime.device, dtype=torch.bfloat16, enabled=runtime.device == "cuda"):
-        packed = model(input_ids=ids, position_ids=positions).logits.float()
+        # Everything the collator gave but the labels (Unsloth may add its own packing metadata), as training passes it.
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         for i, (a, b) in enumerate(pairwise(starts)):
             alone = model(input_ids=ids[:, a:b]).logits.float()
             isolated = max(isolated, float((packed[:, a:b] - alone).abs().max()))
