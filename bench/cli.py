@@ -56,9 +56,10 @@ def main() -> int:
     parser.add_argument("--lever-runs", default="unsloth:true:padded,unsloth:false:padded",
                         help="section levers: more runs of the same form (plain and no checkpointing)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of 2x2048 in every train run")
-    parser.add_argument("--reference", default="2x4:auto,2x4:unsloth,8x1:unsloth,8x1:unsloth:grouped,8x1:false:grouped",
+    parser.add_argument("--reference", default="8x1:auto,8x1:auto:cold,8x1:unsloth,2x4:auto",
                         help="reference-workload variants MICROxACCUM:CHECKPOINTING[:FLAG...], checkpointing auto, unsloth, true "
-                             "or false; "
+                             "or false; the default: the recipe as shipped with the session's compile cache and with an empty "
+                             "one, with checkpointing (what GPUs under ~80 GB get), and the notebook's 2 x 4 layout; "
                              "flags padded, padding_free, rebalance, grouped, cold (an empty compile cache)")
     parser.add_argument("--compile-cache", help="compiled kernels shared by every job and worker, as the containers share "
                                                 "them (MEDCOT_COMPILE_CACHE; default WORK/compile)")
