@@ -137,7 +137,8 @@ class TrainingConfig(_Section):
         None,
         description="Micro-batch layout: true = rows laid end to end in one sequence, no pad tokens; false = rows "
         "padded to the longest (on the Unsloth path this lets it compile each decoder block); null = padding-free on "
-        "the Unsloth path, padded on the transformers path. On an H200, 8 rows a micro-batch: "
+        "the Unsloth path for Llama models (checked by the tests), Unsloth's own choice for other architectures, padded "
+        "on the transformers path. On an H200, 8 rows a micro-batch: "
         "0.64 s a step padding-free, 0.78 s padded (BENCHMARKS.md).",
     )
     sampling: Literal["random", "batch_rebalance", "group_by_length"] = Field(

@@ -196,21 +196,29 @@ def report_to(config: RunConfig) -> list[str]:
     return ["wandb"] if configure_wandb(config) else []
 
 
-def _batch_layout(config: RunConfig, runtime: Runtime) -> dict[str, bool]:
-    """training.padding_free, resolved: as set; else padding-free on the Unsloth path and padded (TRL's default) on the
-    transformers path. With the reference rows (a log-normal spread of lengths, mean 1,000 tokens) padding-free won on
-    an H200 at 8 rows a micro-batch, 0.64 s a step against 0.78 s padded, although only padded batches let Unsloth
-    compile its decoder blocks (BENCHMARKS.md, session 8); at rows of one length, where it saves nothing, it was 3-8%
-    slower (H100). Set here rather than left to Unsloth, so that the layout does not depend on its heuristics."""
+# Architectures whose padding-free batches medcot has checked on the Unsloth path (the loss curve against padded
+# micro-batches, and rows that do not attend to each other: tests/test_gpu.py). Unsloth itself refuses padding-free
+# for some others (Gemma 2, gpt-oss); for those not listed here medcot leaves the choice to Unsloth.
+PADDING_FREE_CHECKED = frozenset({"llama"})
+
+
+def _batch_layout(config: RunConfig, runtime: Runtime, model_type: str | None = None) -> dict[str, bool]:
+    """training.padding_free, resolved: as set; else padding-free on the Unsloth path for the architectures above,
+    Unsloth's own choice for the others, and padded (TRL's default) on the transformers path. With the reference
+    rows (a log-normal spread of lengths, mean 1,000 tokens) padding-free won on an H200 at 8 rows a micro-batch,
+    0.64 s a step against 0.78 s padded, although only padded batches let Unsloth compile its decoder blocks
+    (BENCHMARKS.md, session 8); at rows of one length, where it saves nothing, it was 3-8% slower (H100)."""
     if config.training.padding_free is not None:
         return {"padding_free": config.training.padding_free}
-    return {"padding_free": runtime.backend == "unsloth"}
+    if runtime.backend != "unsloth":
+        return {"padding_free": False}
+    return {"padding_free": True} if model_type in PADDING_FREE_CHECKED else {}
 
 
-def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path) -> SFTConfig:
+def sft_config(config: RunConfig, runtime: Runtime, checkpoint_dir: Path, model_type: str | None = None) -> SFTConfig:
     t = config.training
     gc = config.lora.use_gradient_checkpointing
-    layout = _batch_layout(config, runtime)
+    layout = _batch_layout(config, runtime, model_type)
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         run_name=config.run_name,
@@ -261,7 +269,7 @@ def build_trainer(config: RunConfig, runtime: Runtime, model, tokenizer, train_d
         tokenizer.pad_token = tokenizer.eos_token
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(config, runtime, checkpoint_dir),
+        args=sft_config(config, runtime, checkpoint_dir, getattr(model.config, "model_type", None)),
         train_dataset=train_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
