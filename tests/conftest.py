@@ -92,6 +92,21 @@ def _save_tiny_llama(folder: Path, fast, pad_token_id: int | None) -> Path:
     return folder
 
 
+def trainer_on(config, checkpoint_dir: Path, rows: int = 4, runtime=None):
+    """The train job's trainer on the first `rows` training rows: (trainer, model with LoRA, tokenizer). Imports
+    medcot's training modules only when called (the GPU tests import Unsloth before them)."""
+    from medcot.data import prepare
+    from medcot.modeling import add_lora, load_model, select_backend
+    from medcot.training import build_dataset, build_trainer
+
+    runtime = runtime or select_backend(config.model)
+    model, tok = load_model(config, runtime, for_training=True)
+    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    data = prepare(config.data, tok, config.model.max_seq_length)
+    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:rows], tok), checkpoint_dir, [])
+    return trainer, model, tok
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

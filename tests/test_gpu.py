@@ -71,17 +71,13 @@ def padding_free_isolation(backend: str, model_dir: Path, work: Path, runtime, e
     the row before it is in its context (the two concatenated, as a layout that ignored the boundaries would see
     them): the size of the error the check must catch. Only position ids say where one row ends."""
     from medcot.config import load_config
-    from medcot.data import prepare
-    from medcot.modeling import add_lora, load_model
-    from medcot.training import build_dataset, build_trainer
+
+    from conftest import trainer_on
 
     cfg = load_config(None, overrides(backend, model_dir, work) + [
         f"run_name={backend}-isolation", "training.padding_free=true", "training.per_device_train_batch_size=4",
         "training.gradient_accumulation_steps=1", *extra])
-    model, tok = load_model(cfg, runtime, for_training=True)
-    model = add_lora(model, cfg.lora, runtime, cfg.model.max_seq_length)
-    data = prepare(cfg.data, tok, cfg.model.max_seq_length)
-    trainer = build_trainer(cfg, runtime, model, tok, build_dataset(data.train[:4], tok), work / "isolation", [])
+    trainer, model, _ = trainer_on(cfg, work / "isolation", rows=4, runtime=runtime)
     batch = {k: v.to(runtime.device) for k, v in next(iter(trainer.get_train_dataloader())).items()}
     ids, positions = batch["input_ids"], batch["position_ids"]
     starts = (positions[0] == 0).nonzero().flatten().tolist() + [ids.shape[1]]

@@ -9,26 +9,15 @@ from medcot.config import DataConfig, load_config
 from medcot.data import prepare, tokenize_example
 from medcot.modeling import (
     TRAIN_MARGIN_BYTES,
-    add_lora,
     load_model,
     plan_checkpointing,
     select_backend,
     training_memory_bytes,
 )
 from medcot.prompts import RESPONSE_MARKER
-from medcot.training import build_dataset, build_trainer, complete_checkpoints, train_stage
+from medcot.training import complete_checkpoints, train_stage
 
-from conftest import ROOT, SAMPLE
-
-
-def trainer_on(config, checkpoint_dir, rows: int = 4):
-    """The train job's trainer on the first `rows` training rows: (trainer, model with LoRA, tokenizer)."""
-    runtime = select_backend(config.model)
-    model, tok = load_model(config, runtime, for_training=True)
-    model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
-    data = prepare(config.data, tok, config.model.max_seq_length)
-    trainer = build_trainer(config, runtime, model, tok, build_dataset(data.train[:rows], tok), checkpoint_dir, [])
-    return trainer, model, tok
+from conftest import ROOT, SAMPLE, trainer_on
 
 
 def first_batch(config, tmp_path):
