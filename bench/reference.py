@@ -80,9 +80,14 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     if cold:
         shutil.rmtree(env["MEDCOT_COMPILE_CACHE"], ignore_errors=True)
     entry["compile_cache"] = "empty" if cold else "shared"
+    # profile: the same job under cProfile, for where its start-up and first step go (the wall time is not
+    # comparable: the profiler slows Python); the summary of the profile goes into the entry.
+    profile = "profile" in variant.split(":")[2:]
+    prof = work / f"reference-{variant.replace(':', '-')}.prof"
+    cmd = [sys.executable, *(["-m", "cProfile", "-o", str(prof)] if profile else []), str(ROOT / "jobs" / "train.py"),
+           "--config", str(cfg_path)]
     t0 = time.monotonic()
-    rc = run_command([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(cfg_path)], deadline, log,
-                     f"reference {variant}", extra_env=env)
+    rc = run_command(cmd, deadline, log, f"reference {variant}", extra_env=env)
     entry["wall_s"] = round(time.monotonic() - t0, 1)
     entry["exit_code"] = rc
     summary_path = run_dir / "train" / "summary.json"
@@ -98,12 +103,26 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
         manifest = run_dir / "train" / "manifest.json"
         if manifest.is_file():  # before the stage's own work began: interpreter, imports (Unsloth's), CUDA, config
             entry["startup_s"] = round(entry["wall_s"] - json.loads(manifest.read_text())["duration_s"], 1)
+    if profile and prof.is_file():
+        entry["profile"] = profile_text(prof)
     return entry
+
+
+def profile_text(path: Path, top: int = 60) -> str:
+    """The profile's functions by cumulative time, then by their own time: small enough to keep in the results."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    stats = pstats.Stats(str(path), stream=out)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top // 2)
+    return out.getvalue()
 
 
 REF_FLAGS: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
-    "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"}, "cold": {},
+    "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"}, "cold": {}, "profile": {},
 }
 
 

@@ -225,10 +225,13 @@ class GraphDecoder:
         hidden = inner.embed_tokens(self.tokens)
         positions = (self.slot - self.start)[:, None]
         rotary = inner.rotary_emb(hidden, positions)
+        # A row that has ended still runs through the step (the batch's shapes are the graph's), but its token is
+        # thrown away: its attention reads the current position only, not its whole answer so far.
+        start = torch.where(self.done, self.slot, self.start)
         cache = _PassThrough()
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=None, position_ids=positions, past_key_values=cache,
-                           position_embeddings=rotary, medcot_slot=self.slot, medcot_start=self.start,
+                           position_embeddings=rotary, medcot_slot=self.slot, medcot_start=start,
                            medcot_kernel=self.kernel)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         self._advance(self.model.lm_head(inner.norm(hidden[:, -1])))

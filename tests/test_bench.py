@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an i
 
 from bench.common import merge_results  # noqa: E402
 from bench.model import R1_DISTILL_LLAMA_8B, frozen_matmul_params, train_flops_per_token  # noqa: E402
-from bench.reference import _parse_ref_variant  # noqa: E402
+from bench.reference import _parse_ref_variant, profile_text  # noqa: E402
 from bench.render import _loss_agreement, render  # noqa: E402
 
 
@@ -34,6 +34,7 @@ def test_train_flops_count_four_per_frozen_weight_six_per_lora_weight_plus_atten
     ("8x1:true:padded", (8, 1, True, {"padding_free": False})),
     ("2x4:false:padding_free:rebalance", (2, 4, False, {"padding_free": True, "sampling": "batch_rebalance"})),
     ("8x1:auto:grouped", (8, 1, "auto", {"sampling": "group_by_length"})),
+    ("8x1:auto:cold:profile", (8, 1, "auto", {})),
 ])
 def test_reference_variants_map_to_config_keys(variant, expected):
     assert _parse_ref_variant(variant) == expected
@@ -132,6 +133,31 @@ def test_committed_padding_free_reference_with_the_earlier_sessions_is_benchmark
     assert "| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in table
     assert "8x1:auto:padding_free vs 2x4:auto: largest per-step loss difference 0.0027 over 60 steps" in table
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
+
+
+def test_a_profiled_reference_run_is_shown_but_never_judged_nor_compared(tmp_path):
+    import cProfile
+
+    def slow_step():
+        return sum(i * i for i in range(200_000))
+
+    prof = tmp_path / "job.prof"
+    cProfile.runctx("slow_step()", globals(), {"slow_step": slow_step}, str(prof))
+    text = profile_text(prof)
+    assert "slow_step" in text and "cumulative" in text and "tottime" in text
+
+    results = committed(*SESSION8)
+    fast = results["reference"]["8x1:auto:padding_free"]
+    # A profiled run that looked fast (it cannot: the profiler slows it) must not pass the target for the others.
+    results["reference"]["8x1:auto:cold:profile"] = {**fast, "compile_cache": "empty", "wall_s": 50.0,
+                                                     "losses": [x + 1 for x in fast["losses"]], "profile": text}
+    table = render(results)
+    assert "| 8x1, padding-free (under cProfile: diagnosis, not timing) | auto: none | 50.0 s |" in table
+    verdict = next(line for line in table.splitlines() if line.startswith("| reference workload <= 90 s"))
+    assert "93 s (8x1:auto:padding_free:cold)" in verdict and "profile" not in verdict
+    assert "8x1:auto:cold:profile vs" not in table
+    with_chain = render(committed(*SESSION7, *SESSION8) | {"reference": results["reference"]})
+    assert "| reference <= 90 s, an empty compile cache | 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in with_chain
 
 
 def test_eval_verdict_counts_the_evaluate_jobs_answer_length_not_a_shorter_run():

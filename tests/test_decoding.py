@@ -72,6 +72,34 @@ def test_tokens_equal_transformers_generate_with_left_padding_and_early_ends(ker
     assert ours[1:, 12:].ne(0).any(dim=1).all()
 
 
+def test_rows_that_have_ended_attend_only_the_current_position_and_the_others_are_unchanged(monkeypatch):
+    import medcot.decoding as decoding
+
+    model = small_llama()
+    ids, mask = left_padded()
+    free = transformers_greedy(model, ids, mask, 30, eos=[299])
+    eos = [int(free[0, 12 + 5])]  # row 0 ends at its 6th new token
+    calls = []
+    real = decoding.gqa_decode
+
+    def recording(query, key, value, slot, start, scale, kernel):
+        calls.append((int(slot), start.tolist()))
+        return real(query, key, value, slot, start, scale, kernel)
+
+    theirs = transformers_greedy(model, ids, mask, 30, eos=eos)
+    monkeypatch.setattr(decoding, "gqa_decode", recording)
+    ours = graph_greedy(model, ids, mask, 30, eos=eos, kernel="matmul")
+    assert torch.equal(ours[:, :theirs.shape[1]], theirs)
+    layers = model.config.num_hidden_layers
+    steps = [calls[i] for i in range(0, len(calls), layers)]  # the first layer's call of each decoding step
+    assert len(steps) == 29
+    # Before row 0's end: every row from its first real position (row i has 2i pads). From the step after it:
+    # row 0 from the current slot only, the others as before.
+    assert steps[0] == (12, [0, 2, 4, 6])
+    assert steps[4] == (16, [0, 2, 4, 6])
+    assert all(start == [slot, 2, 4, 6] for slot, start in steps[5:])
+
+
 def test_min_new_tokens_keeps_the_end_token_out_as_generate_does():
     model = small_llama()
     ids, mask = left_padded()
