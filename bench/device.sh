@@ -17,11 +17,16 @@ python bench/run.py --lock-diff
 gpu_tests() {
   [ -n "${GPU_TESTS:-}" ] || return 0
   local start=$SECONDS
-  python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py tests/test_decoding.py > "$GPU_TESTS" 2>&1
-  echo "pytest -m gpu: exit $? after $((SECONDS - start)) s: $(tail -n 1 "$GPU_TESTS")" | tee -a "$GPU_TESTS"
+  local rc=0
+  python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py tests/test_decoding.py > "$GPU_TESTS" 2>&1 || rc=$?
+  echo "pytest -m gpu: exit $rc after $((SECONDS - start)) s: $(tail -n 1 "$GPU_TESTS")" | tee -a "$GPU_TESTS"
+  return $rc
 }
-[ -n "${GPU_TESTS_AFTER:-}" ] || gpu_tests
-python bench/run.py "$@"
-status=$?
-[ -z "${GPU_TESTS_AFTER:-}" ] || gpu_tests
-exit $status
+# Neither failure stops the other (set -e would): the exit is the benchmark's, else the tests'.
+tests=0
+[ -n "${GPU_TESTS_AFTER:-}" ] || gpu_tests || tests=$?
+status=0
+python bench/run.py "$@" || status=$?
+[ -z "${GPU_TESTS_AFTER:-}" ] || gpu_tests || tests=$?
+[ "$status" -ne 0 ] && exit "$status"
+exit "$tests"

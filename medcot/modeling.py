@@ -193,7 +193,10 @@ def load_model(config: RunConfig, runtime: Runtime, *, for_training: bool) -> tu
 
 
 def add_lora(model, lora: LoraConfig, runtime: Runtime, max_seq_length: int):
-    """Attach a fresh LoRA adapter with the config's settings."""
+    """Attach a fresh LoRA adapter with the config's settings (use_gradient_checkpointing resolved: resolve_checkpointing)."""
+    if lora.use_gradient_checkpointing == "auto":
+        raise ValueError("lora.use_gradient_checkpointing 'auto' must be resolved for this GPU before the adapter is "
+                         "attached: pass the config through medcot.modeling.resolve_checkpointing")
     if runtime.backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -379,6 +382,14 @@ def plan_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[bool | str,
     if need <= free:
         return False, f"{sizes} of {free / 2**30:.1f} GiB free"
     return "unsloth", f"{sizes}, {free / 2**30:.1f} GiB free"
+
+
+def resolve_checkpointing(config: RunConfig, runtime: Runtime) -> tuple[RunConfig, str]:
+    """The config that load_model and add_lora take, its use_gradient_checkpointing `auto` resolved (plan_checkpointing),
+    and why. The train job keeps the config as written for its hash (checkpointing changes speed, not the result)."""
+    checkpointing, why = plan_checkpointing(config, runtime)
+    lora = config.lora.model_copy(update={"use_gradient_checkpointing": checkpointing})
+    return config.model_copy(update={"lora": lora}), why
 
 
 def checkpointing_name(value: bool | str) -> str:

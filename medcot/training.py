@@ -371,7 +371,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         checkpointing_name,
         load_model,
         load_tokenizer,
-        plan_checkpointing,
+        resolve_checkpointing,
         resolve_model_path,
     )
     from medcot.rundir import RunDir, write_json
@@ -415,9 +415,9 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     log.info("%s", data.report.summary())
 
     # Checkpointing changes memory and speed, not the result: the config hash (resume) keeps the value as written.
-    checkpointing, why = plan_checkpointing(config, runtime)
+    train_config, why = resolve_checkpointing(config, runtime)
+    checkpointing = train_config.lora.use_gradient_checkpointing
     log.info("gradient checkpointing: %s (%s)", checkpointing_name(checkpointing), why)
-    train_config = config.model_copy(update={"lora": config.lora.model_copy(update={"use_gradient_checkpointing": checkpointing})})
 
     t_load = time.monotonic()
     model, tokenizer = load_model(train_config, runtime, for_training=True)

@@ -96,10 +96,11 @@ def trainer_on(config, checkpoint_dir: Path, rows: int = 4, runtime=None):
     """The train job's trainer on the first `rows` training rows: (trainer, model with LoRA, tokenizer). Imports
     medcot's training modules only when called (the GPU tests import Unsloth before them)."""
     from medcot.data import prepare
-    from medcot.modeling import add_lora, load_model, select_backend
+    from medcot.modeling import add_lora, load_model, resolve_checkpointing, select_backend
     from medcot.training import build_dataset, build_trainer
 
     runtime = runtime or select_backend(config.model)
+    config, _ = resolve_checkpointing(config, runtime)  # as the train job does
     model, tok = load_model(config, runtime, for_training=True)
     model = add_lora(model, config.lora, runtime, config.model.max_seq_length)
     data = prepare(config.data, tok, config.model.max_seq_length)

@@ -9,8 +9,10 @@ from medcot.config import DataConfig, load_config
 from medcot.data import prepare, tokenize_example
 from medcot.modeling import (
     TRAIN_MARGIN_BYTES,
+    add_lora,
     load_model,
     plan_checkpointing,
+    resolve_checkpointing,
     select_backend,
     training_memory_bytes,
 )
@@ -210,6 +212,19 @@ def test_group_by_length_sees_every_row_once_and_pads_less_than_random_pairs(tin
 def test_checkpointing_set_in_the_config_is_kept(tiny_config, value):
     config = load_config(None, tiny_config(f"lora.use_gradient_checkpointing={str(value).lower()}"))
     assert plan_checkpointing(config, select_backend(config.model)) == (value, "set in the config")
+
+
+def test_auto_checkpointing_is_resolved_before_the_adapter_and_never_reaches_it(tiny_config):
+    config = load_config(None, tiny_config("lora.use_gradient_checkpointing=auto"))
+    runtime = select_backend(config.model)
+    model, _ = load_model(config, runtime, for_training=True)
+    # Unsloth asserts on anything but True, False and "unsloth"; peft would read "auto" as on.
+    with pytest.raises(ValueError, match="resolve_checkpointing"):
+        add_lora(model, config.lora, runtime, config.model.max_seq_length)
+    resolved, why = resolve_checkpointing(config, runtime)
+    assert (resolved.lora.use_gradient_checkpointing, why) == (False, "CPU training")
+    assert config.lora.use_gradient_checkpointing == "auto"  # the config as written (its hash) is untouched
+    add_lora(model, resolved.lora, runtime, config.model.max_seq_length)
 
 
 def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
