@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Session, run_command
+from bench.common import ROOT, Session, file_count, run_command
 from bench.reference import reference_rows
 from medcot.push import PLAN_FILE
 
@@ -56,10 +56,6 @@ def chain_config(session: Session, run_name: str) -> tuple[Path, Path]:
     path = session.work / f"chain-{run_name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, Path(config["output_dir"]) / run_name
-
-
-def _files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -105,7 +101,7 @@ def run_section(session: Session, name: str) -> None:
     session.results["chain"] = out
     first = time.monotonic()
     for stage, script in JOBS:
-        files = _files(cache)
+        files = file_count(cache)
         t0 = time.monotonic()
         rc = run_command([sys.executable, str(ROOT / script[0]), *script[1:], "--config", str(config)],
                          session.deadline, session.log, f"chain {stage}", cap_s=900)

@@ -82,6 +82,11 @@ def base_overrides(spec: dict) -> list[str]:
     ]
 
 
+def file_count(folder: Path) -> int:
+    """Files under `folder` (a compile cache: 0 = the job that starts now compiles everything)."""
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def run_command(cmd: list[str], deadline: float, log, label: str, cap_s: float | None = None,
                 extra_env: dict[str, str] | None = None) -> int | str:
     """Run a command with its output appended to the log; stop it at the deadline (or its own cap)."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Session, run_command
+from bench.common import ROOT, Session, file_count, run_command
 from bench.model import N_SPECIAL
 
 # Token lengths of the synthetic reference rows: medical-o1-reasoning-SFT (en) rows average about 1,000
@@ -74,12 +74,15 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     entry: dict[str, Any] = {"variant": variant, "micro_batch": micro, "accumulation": accum, "gc": gc, "training": training_keys,
                              "rows": n_rows, "row_tokens": {"mean": round(statistics.mean(lengths)),
                                                             "median": statistics.median(lengths), "max": max(lengths)}}
-    # cold: an empty compile cache, as on a new machine; otherwise the session's, which earlier jobs filled.
+    # cold: an empty compile cache of its own, as on a new machine; otherwise the session's, which earlier jobs
+    # filled (or not: the first job of a session on a new machine finds it empty, and is judged as such).
     cold = "cold" in variant.split(":")[2:]
-    env = {"MEDCOT_COMPILE_CACHE": str(work / f"compile-empty-{variant.replace(':', '-')}")} if cold else None
+    cache = work / f"compile-empty-{variant.replace(':', '-')}" if cold else Path(args.compile_cache)
+    env = {"MEDCOT_COMPILE_CACHE": str(cache)} if cold else None
     if cold:
-        shutil.rmtree(env["MEDCOT_COMPILE_CACHE"], ignore_errors=True)
-    entry["compile_cache"] = "empty" if cold else "shared"
+        shutil.rmtree(cache, ignore_errors=True)
+    entry["compile_cache_files_before"] = file_count(cache)
+    entry["compile_cache"] = "shared" if entry["compile_cache_files_before"] else "empty"
     # profile: the same job under cProfile, for where its start-up and first step go (the wall time is not
     # comparable: the profiler slows Python); the summary of the profile goes into the entry.
     profile = "profile" in variant.split(":")[2:]

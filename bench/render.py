@@ -131,7 +131,7 @@ def render(results: dict) -> str:
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |"
                      + (f" {_fmt(e.get('first_step_s'), '.1f', ' s')} ({_fmt(e.get('median_step_s'), '.2f', ' s')}) | "
-                        f"{e.get('compile_cache', '—')} |" if steps else "")
+                        f"{_cache_text(e)} |" if steps else "")
                      + (f" {_fmt(e.get('startup_s'), '.1f', ' s')} | {_compile_text(e)} |" if split else ""))
     ref_loss = _loss_agreement(results["reference"])
     if ref_loss:
@@ -283,6 +283,13 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
         out.append((f"reference <= {t['reference_wall_s']} s, {label}", ", ".join(f"{w:.1f} s ({k})" for k, w in walls.items()) or "—",
                     None if not walls else min(walls.values()) <= t["reference_wall_s"]))
     return out
+
+
+def _cache_text(entry: dict) -> str:
+    files = entry.get("compile_cache_files_before")  # counted since session 9
+    if entry.get("compile_cache") == "shared" and files:
+        return f"shared ({files} files)"
+    return entry.get("compile_cache", "—")
 
 
 def _compile_text(entry: dict) -> str:
