@@ -102,7 +102,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
                      checkpointing=s.get("gradient_checkpointing"), first_step_s=s.get("first_step_s"),
                      median_step_s=s.get("median_step_s"), torch_compile_s=s.get("torch_compile_s"),
                      torch_compiled_frames=s.get("torch_compiled_frames"), data_s=s.get("data_s"),
-                     trainer_setup_s=s.get("trainer_setup_s"))
+                     trainer_setup_s=s.get("trainer_setup_s"), padding_free=s.get("padding_free"))
         manifest = run_dir / "train" / "manifest.json"
         if manifest.is_file():  # before the stage's own work began: interpreter, imports (Unsloth's), CUDA, config
             entry["startup_s"] = round(entry["wall_s"] - json.loads(manifest.read_text())["duration_s"], 1)

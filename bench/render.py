@@ -120,8 +120,11 @@ def render(results: dict) -> str:
     for e in results["reference"].values():
         losses = e.get("losses") or [None]
         flags = e.get("training") or ({"padding_free": False} if e.get("env") else {})
+        # Since session 9 the entry records what an unset training.padding_free resolved to.
+        unset = "padding_free" not in flags and e.get("padding_free") is not None
         padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
                           ", padding-free" if flags.get("padding_free") else "",
+                          f", {'padding-free' if e['padding_free'] else 'padded'} (padding_free unset)" if unset else "",
                           f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
         gc = checkpointing_name(e["gc"])
         if e["gc"] == "auto" and "checkpointing" in e:

@@ -120,6 +120,7 @@ def test_committed_graph_decoder_results_with_the_earlier_sessions_are_benchmark
 
 
 SESSION8 = ("2026-12-02-h200-s8-reference.json",)
+SESSION9 = ("2026-12-02-h200-s9-chain.json", "2026-12-02-h200-s9-reference.json")
 
 
 def test_committed_padding_free_reference_with_the_earlier_sessions_is_benchmarks_md():
@@ -132,7 +133,31 @@ def test_committed_padding_free_reference_with_the_earlier_sessions_is_benchmark
     assert "88.7 s (8x1:auto:padding_free) | **pass** |" in table
     assert "| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in table
     assert "8x1:auto:padding_free vs 2x4:auto: largest per-step loss difference 0.0027 over 60 steps" in table
+
+
+def test_committed_session9_chain_and_reference_with_the_earlier_sessions_is_benchmarks_md():
+    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9))
+    # The chain with the 8 x 1 padding-free recipe, and its evaluate-after over the 100 questions.
+    assert "| **whole chain** | **200.0 s** |" in table
+    assert "107,243 tokens in 13.2 s = 8,104 tokens/s" in table
+    # The shipped config (padding_free unset) on a new machine's empty cache, and after an earlier job's: both kept,
+    # though the two calls ran the same variant name.
+    assert "| 8x1 | auto: none | 92.5 s | 10.1 s | 55.6 s | 8,233 | 46.1 GiB | 11.6255 | 11.9 s (0.63 s) | empty | 22.5 s |" in table
+    assert "| 8x1 | auto: none | 68.9 s | 6.8 s | 42.9 s | 10,685 | 46.1 GiB | 11.6255 | 2.2 s (0.61 s) | shared |" in table
+    assert "68.9 s (8x1:auto (shared cache)) | **pass** |" in table
+    assert ("| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold), "
+            "92.5 s (8x1:auto) | **miss** |") in table
+    assert "| evaluation >= 8,000 generated tokens/s at the auto batch: the whole generate call (compile, early ends) | " \
+           "5,834 (eval-before, batch 101), 8,104 (eval-after, batch 101) | **miss** |" in table
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
+
+
+def test_merging_keeps_a_variant_measured_on_a_cache_in_another_state():
+    first = {"reference": {"8x1:auto": {"wall_s": 68.9, "compile_cache": "shared"}, "2x4:auto": {"wall_s": 132.2}}}
+    second = {"reference": {"8x1:auto": {"wall_s": 92.5, "compile_cache": "empty"}, "2x4:auto": {"wall_s": 139.8}}}
+    merged = merge_results([first, second])["reference"]
+    assert merged["8x1:auto"]["wall_s"] == 92.5 and merged["8x1:auto (shared cache)"]["wall_s"] == 68.9
+    assert merged["2x4:auto"]["wall_s"] == 139.8 and len(merged) == 3  # without a cache state: the later replaces
 
 
 def test_a_profiled_reference_run_is_shown_but_never_judged_nor_compared(tmp_path):
