@@ -269,10 +269,21 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
                     ", ".join(f"{r:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, r in steady.items()),
                     min(steady.values()) >= t["eval_tokens_per_s"]))
     rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
-    out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch"
-                + (": the whole generate call (compile, early ends)" if steady else ""),
-                ", ".join(f"{r:,.0f} ({s}, batch {stages[s].get('batch_size')})" for s, r in rates.items()) or "—",
-                None if not rates else min(rates.values()) >= t["eval_tokens_per_s"]))
+    if steady and chain.get("eval_after_without_cache", {}).get("tokens_per_s"):
+        # Since session 9, judged per compile-cache state, as the reference is: the whole call includes the compile.
+        runs = {**evals, "eval-after, empty cache": chain["eval_after_without_cache"]}
+        for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
+            picked = {s: e for s, e in runs.items() if e.get("tokens_per_s")
+                      and (e.get("compile_cache_files_before", 0) > 0) == (cache == "shared")}
+            out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: the whole "
+                        f"generate call (compile, early ends), {label}",
+                        ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})" for s, e in picked.items()) or "—",
+                        None if not picked else min(e["tokens_per_s"] for e in picked.values()) >= t["eval_tokens_per_s"]))
+    else:
+        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch"
+                    + (": the whole generate call (compile, early ends)" if steady else ""),
+                    ", ".join(f"{r:,.0f} ({s}, batch {stages[s].get('batch_size')})" for s, r in rates.items()) or "—",
+                    None if not rates else min(rates.values()) >= t["eval_tokens_per_s"]))
     second = stages.get("eval-after", {}).get("compile_s")
     cold = (chain.get("eval_after_without_cache") or {}).get("compile_s")
     out.append((f"a second evaluate job compiles in <= {t['second_eval_compile_s']} s",
