@@ -177,7 +177,7 @@ def merge_results(parts: list[dict]) -> dict:
             earlier = merged["reference"].get(variant)
             if earlier and None not in (earlier.get("compile_cache"), entry.get("compile_cache")) \
                     and earlier["compile_cache"] != entry["compile_cache"]:
-                merged["reference"][f"{variant} ({earlier.get('compile_cache')} cache)"] = earlier
+                merged["reference"][f"{variant} ({earlier['compile_cache']} cache)"] = earlier
             merged["reference"][variant] = entry
     return merged
 

@@ -268,7 +268,6 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
         out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: steady decoding",
                     ", ".join(f"{r:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, r in steady.items()),
                     min(steady.values()) >= t["eval_tokens_per_s"]))
-    rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
     if steady and chain.get("eval_after_without_cache", {}).get("tokens_per_s"):
         # Since session 9, judged per compile-cache state, as the reference is: the whole call includes the compile.
         runs = {**evals, "eval-after, empty cache": chain["eval_after_without_cache"]}
@@ -280,6 +279,7 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
                         ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})" for s, e in picked.items()) or "—",
                         None if not picked else min(e["tokens_per_s"] for e in picked.values()) >= t["eval_tokens_per_s"]))
     else:
+        rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
         out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch"
                     + (": the whole generate call (compile, early ends)" if steady else ""),
                     ", ".join(f"{r:,.0f} ({s}, batch {stages[s].get('batch_size')})" for s, r in rates.items()) or "—",
