@@ -75,7 +75,8 @@ def stage_entry(run_dir: Path, stage: str, wall_s: float, rc: int | str, cache_f
                      batch_size_why=summary.get("batch_size_why"), weights=summary.get("weights"),
                      generation_s=summary.get("generation_seconds"),
                      generated_tokens=summary.get("generated_tokens"),
-                     tokens_per_s=summary.get("generated_tokens_per_s"), step_s=summary.get("decode_step_seconds"))
+                     tokens_per_s=summary.get("generated_tokens_per_s"), step_s=summary.get("decode_step_seconds"),
+                     decode_compiled=summary.get("decode_compiled"))
     if stage == "train" and summary:
         first, median = summary.get("first_step_s"), summary.get("median_step_s")
         entry.update(load_s=summary.get("model_load_s"), train_s=summary.get("train_runtime_s"),
@@ -97,13 +98,15 @@ def run_section(session: Session, name: str) -> None:
     cache = Path(session.args.compile_cache)
     config, run_dir = chain_config(session, "chain")
     shutil.rmtree(run_dir, ignore_errors=True)  # every stage runs; none is skipped as already finished
-    out: dict[str, Any] = {"compile_cache": str(cache), "stages": {}}
+    # --chain-overrides: KEY=VALUE settings given to every job on its command line, as a user would.
+    overrides = [o for o in (session.args.chain_overrides or "").split(",") if o]
+    out: dict[str, Any] = {"compile_cache": str(cache), "overrides": overrides, "stages": {}}
     session.results["chain"] = out
     first = time.monotonic()
     for stage, script in JOBS:
         files = file_count(cache)
         t0 = time.monotonic()
-        rc = run_command([sys.executable, str(ROOT / script[0]), *script[1:], "--config", str(config)],
+        rc = run_command([sys.executable, str(ROOT / script[0]), *script[1:], "--config", str(config), *overrides],
                          session.deadline, session.log, f"chain {stage}", cap_s=900)
         out["stages"][stage] = stage_entry(run_dir, stage, time.monotonic() - t0, rc, files)
         session.save()
@@ -118,7 +121,8 @@ def run_section(session: Session, name: str) -> None:
     shutil.rmtree(empty, ignore_errors=True)
     shutil.rmtree(run_dir / "eval-after")  # a finished stage with the same config would be skipped, --force or not
     t0 = time.monotonic()
-    rc = run_command([sys.executable, str(ROOT / "jobs/evaluate.py"), "--stage", "after", "--config", str(config)],
+    rc = run_command([sys.executable, str(ROOT / "jobs/evaluate.py"), "--stage", "after", "--config", str(config),
+                      *overrides],
                      session.deadline, session.log, "chain eval-after without the compile cache", cap_s=600,
                      extra_env={"MEDCOT_COMPILE_CACHE": str(empty)})
     out["eval_after_without_cache"] = stage_entry(run_dir, "eval-after", time.monotonic() - t0, rc, 0)

@@ -70,10 +70,13 @@ def main() -> int:
     parser.add_argument("--eval-batches", default="1,8,32")
     parser.add_argument("--chain-without-cache", action="store_true",
                         help="after the chain, evaluate-after again on an empty compile cache")
+    parser.add_argument("--chain-overrides", default="",
+                        help="comma-separated KEY=VALUE config overrides given to every job of the chain, e.g. "
+                             "eval.decode_compile=false")
     parser.add_argument("--decode-kernels", default="auto",
                         help="the decode section's runs, each compiled and run in full: [eval.decoder:]eval.decode_kernel "
-                             "(auto, graph or transformers; auto, triton, sdpa, efficient, matmul), e.g. "
-                             "graph:triton,transformers:efficient")
+                             "(auto, graph or transformers; auto, triton, sdpa, efficient, matmul), then :eager for "
+                             "eval.decode_compile=false, e.g. graph:triton,graph:triton:eager,transformers:efficient")
     parser.add_argument("--new-tokens", type=int, default=1200, help="generated tokens per answer")
     parser.add_argument("--baseline-new-tokens", type=int, default=128,
                         help="generated tokens per answer for transformers-4bit (about 8 tokens/s at batch 1)")

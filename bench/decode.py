@@ -1,6 +1,7 @@
 """The decode section: where an evaluate job's generation time goes, at the batch the chain uses (101 rows).
 
-One worker per value of --decode-kernels ([eval.decoder:]eval.decode_kernel, e.g. `triton`, `transformers:efficient`),
+One worker per value of --decode-kernels ([eval.decoder:]eval.decode_kernel[:eager], e.g. `triton`,
+`transformers:efficient`, `graph:triton:eager` for eval.decode_compile false),
 each a new process on an empty compile cache of its own, as an evaluate job is: the evaluate job's `generate` in full
 (1,200 tokens), reporting the compile (prefill, compilation, CUDA-graph capture beyond steady steps) with torch's own
 breakdown of it (`torch._dynamo.utils.compile_times`) and the steady decoding step. The first also profiles 30 steps
@@ -34,7 +35,8 @@ def worker_decode(spec: dict) -> None:
                            "decoder": spec.get("decoder", "auto"), "import_s": round(time.monotonic() - t_process, 1)}
     config = load_config(None, base_overrides({**spec, "backend": "transformers"})
                          + ["eval.weights=16bit", f"eval.decode_kernel={spec.get('kernel', 'auto')}",
-                            f"eval.decoder={spec.get('decoder', 'auto')}"])
+                            f"eval.decoder={spec.get('decoder', 'auto')}",
+                            f"eval.decode_compile={str(spec.get('compile', True)).lower()}"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
     from medcot.evaluate import generate
@@ -59,7 +61,8 @@ def worker_decode(spec: dict) -> None:
         t = time.monotonic()
         if decoder == "graph":
             graph = GraphDecoder(model, batch=batch, cache_len=enc["input_ids"].shape[1] + tokens, eos_ids=[],
-                                 pad_id=tokenizer.pad_token_id, kernel=config.eval.decode_kernel)
+                                 pad_id=tokenizer.pad_token_id, kernel=config.eval.decode_kernel,
+                                 compile=config.eval.decode_compile)
             graph.run(enc["input_ids"], enc["attention_mask"], max_new_tokens=steps, min_new_tokens=steps)
             graph.close()
         else:
@@ -75,7 +78,8 @@ def worker_decode(spec: dict) -> None:
         stats: dict[str, Any] = {}
         t = time.monotonic()
         rows, _ = generate(model, tokenizer, prompts, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=batch,
-                           stats=stats, decoder=config.eval.decoder, decode_kernel=config.eval.decode_kernel)
+                           stats=stats, decoder=config.eval.decoder, decode_kernel=config.eval.decode_kernel,
+                           decode_compile=config.eval.decode_compile)
         wall = time.monotonic() - t
         out["full"] = {"tokens": tokens, "wall_s": round(wall, 2), **stats,
                        "steady_tokens_per_s": round(batch / stats["step_s"], 1) if stats.get("step_s") else None,
@@ -132,6 +136,15 @@ def attention_timings(batch: int, tokens: int, prompt: int = 212) -> dict[str, A
     return out
 
 
+def parse_run(run: str) -> tuple[str, str, bool]:
+    """A --decode-kernels value, `[DECODER:]KERNEL[:eager]` -> (eval.decoder, eval.decode_kernel,
+    eval.decode_compile): `eager` replays the decoder layers uncompiled."""
+    parts = run.split(":")
+    compiled = "eager" not in parts
+    parts = [p for p in parts if p != "eager"]
+    return (parts[0] if len(parts) > 1 else "auto"), parts[-1], compiled
+
+
 def run_section(session: Session, name: str) -> None:
     args = session.args
     out_dir = Path(args.out)
@@ -140,13 +153,13 @@ def run_section(session: Session, name: str) -> None:
     for cache in caches.values():
         shutil.rmtree(cache, ignore_errors=True)
     # Labels name the decoder: rows of the graph decoder and of transformers' generate stay apart in the tables.
-    named = {k: k if ":" in k else f"auto:{k}" for k in kernels}
+    named = {k: "{}:{}{}".format(*parse_run(k)[:2], ", layer not compiled" if not parse_run(k)[2] else "") for k in kernels}
     runs = [(f"empty cache, {named[k]}", k, {"full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
     runs.append((f"the first run's cache, {named[kernels[0]]}", kernels[0], {}))
     results = session.results.setdefault("decode", {})
     for label, kernel, what in runs:
-        decoder, _, kernel_name = kernel.rpartition(":")
-        spec = {**session.common, **what, "label": label, "kernel": kernel_name, "decoder": decoder or "auto",
+        decoder, kernel_name, compiled = parse_run(kernel)
+        spec = {**session.common, **what, "label": label, "kernel": kernel_name, "decoder": decoder, "compile": compiled,
                 "batch": 8 if args.tiny else 101,
                 "new_tokens": 48 if args.tiny else 1200, "out_dir": str(out_dir),
                 "env": {"MEDCOT_COMPILE_CACHE": str(caches[kernel])}}

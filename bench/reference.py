@@ -78,7 +78,11 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     # filled (or not: the first job of a session on a new machine finds it empty, and is judged as such).
     cold = "cold" in variant.split(":")[2:]
     cache = work / f"compile-empty-{variant.replace(':', '-')}" if cold else Path(args.compile_cache)
-    env = {"MEDCOT_COMPILE_CACHE": str(cache)} if cold else None
+    env = {"MEDCOT_COMPILE_CACHE": str(cache)} if cold else {}
+    # nofreeze: the job without its gc.freeze() of the imports' heap (medcot.training.SetupHeap), to measure it.
+    if "nofreeze" in variant.split(":")[2:]:
+        env["MEDCOT_GC_FREEZE"] = "0"
+        entry["gc_freeze"] = False
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
     entry["compile_cache_files_before"] = file_count(cache)
@@ -90,7 +94,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     cmd = [sys.executable, *(["-m", "cProfile", "-o", str(prof)] if profile else []), str(ROOT / "jobs" / "train.py"),
            "--config", str(cfg_path)]
     t0 = time.monotonic()
-    rc = run_command(cmd, deadline, log, f"reference {variant}", extra_env=env)
+    rc = run_command(cmd, deadline, log, f"reference {variant}", extra_env=env or None)
     entry["wall_s"] = round(time.monotonic() - t0, 1)
     entry["exit_code"] = rc
     summary_path = run_dir / "train" / "summary.json"
@@ -126,6 +130,7 @@ def profile_text(path: Path, top: int = 60) -> str:
 REF_FLAGS: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
     "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"}, "cold": {}, "profile": {},
+    "nofreeze": {},
 }
 
 

@@ -130,6 +130,7 @@ def render(results: dict) -> str:
         if e["gc"] == "auto" and "checkpointing" in e:
             gc = f"auto: {checkpointing_name(e['checkpointing'])}"
         profiled = " (under cProfile: diagnosis, not timing)" if "profile" in e else ""
+        profiled += ", imports' heap not frozen (MEDCOT_GC_FREEZE=0)" if e.get("gc_freeze") is False else ""
         lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded}{profiled} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |"
@@ -181,7 +182,9 @@ def _chain_lines(chain: dict) -> list[str]:
              "The recipe's config on the synthetic rows (500 trained, 100 held out), 1,200 new tokens per answer, "
              "`eval.batch_size: auto`. Start-up = wall time before the stage's own work began (Python, imports, CUDA, "
              "config). Compile = the train job's first step beyond a steady one, or an evaluate job's prefill and first "
-             "decoding steps beyond steady ones. Compile cache = files in the shared cache when the job started.", "",
+             "decoding steps beyond steady ones. Compile cache = files in the shared cache when the job started."
+             + (f" Every job ran with {', '.join(f'`{o}`' for o in chain['overrides'])}." if chain.get("overrides") else ""),
+             "",
              "| stage | wall | start-up | compile | compile cache | what it did |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
 
@@ -191,7 +194,8 @@ def _chain_lines(chain: dict) -> list[str]:
         if stage.startswith("eval"):
             steady = (f"; a steady step {e['step_s'] * 1000:.1f} ms = {e['batch_size'] / e['step_s']:,.0f} tokens/s"
                       if e.get("step_s") else "")
-            return (f"{e.get('questions')} answers, batch {e.get('batch_size')}, {e.get('weights')} weights: "
+            layer = ", decoder layer not compiled" if e.get("decode_compiled") is False else ""
+            return (f"{e.get('questions')} answers, batch {e.get('batch_size')}, {e.get('weights')} weights{layer}: "
                     f"{_fmt(e.get('generated_tokens'))} tokens in {_fmt(e.get('generation_s'), '.1f', ' s')} = "
                     f"{_fmt(e.get('tokens_per_s'))} tokens/s{steady}; load {_fmt(e.get('load_s'), '.1f', ' s')}")
         if stage == "train":

@@ -24,9 +24,13 @@ def main() -> int:
 
     register_user_error(DataError, BackendError, StageError, TemplateError)
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers loads
-    from medcot.training import train_stage
+    from medcot.training import SetupHeap, train_stage
 
-    return train_stage(config, runtime, force=args.force)
+    SetupHeap.freeze()  # the imports' heap, out of the set-up's gc passes; thawed before train()
+    try:
+        return train_stage(config, runtime, force=args.force)
+    finally:
+        SetupHeap.thaw()
 
 
 if __name__ == "__main__":

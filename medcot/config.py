@@ -231,6 +231,13 @@ class EvalConfig(_Section):
         "softmax, each over the whole cache under a mask; auto = triton for the graph decoder where Triton runs, "
         "else efficient on GPUs of compute capability 8.0 and later, else sdpa (measured: BENCHMARKS.md).",
     )
+    decode_compile: bool = Field(
+        True,
+        description="eval.decoder graph on a GPU: compile the decoder layer with torch.compile (Inductor fuses the "
+        "norms, rotary embedding and activation: a faster step, for a compile each process pays, cut by the compile "
+        "cache) or replay the layers as they are (no compile: the step is captured in a CUDA graph either way). "
+        "BENCHMARKS.md has both measured.",
+    )
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.6, gt=0, description="Sampling temperature when do_sample is true.")
     heldout_limit: int | None = Field(None, gt=0, description="Generate for at most N held-out rows (null = all).")

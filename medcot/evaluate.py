@@ -117,13 +117,15 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
              temperature: float = 1.0, min_new_tokens: int | None = None, desc: str = "generate",
              add_special_tokens: bool = True, stop_ids: tuple[int, ...] = (),
              stats: dict[str, Any] | None = None, decoder: str = "auto", decode_kernel: str = "auto",
+             decode_compile: bool = True,
              ) -> tuple[list[dict], float]:
     """Generate for every prompt in left-padded batches (longest prompts first, so a batch's rows have
     similar lengths). Returns per prompt {text, generated_tokens, prompt_tokens, hit_token_limit} and the seconds spent.
 
     `add_special_tokens=False` for prompts that carry their own (a rendered chat template); `stop_ids`: tokens that
-    end an answer besides the EOS of the tokenizer and of the generation config; `decoder`, `decode_kernel`:
-    eval.decoder and eval.decode_kernel (choose_decoder); `stats`, when given, receives the decoder, `warmup_s` (what
+    end an answer besides the EOS of the tokenizer and of the generation config; `decoder`, `decode_kernel`,
+    `decode_compile`: eval.decoder, eval.decode_kernel and eval.decode_compile (choose_decoder); `stats`, when given,
+    receives the decoder, whether its layer was compiled, `warmup_s` (what
     the prefill and first steps took beyond steady ones, summed over batches: compilation and CUDA-graph capture
     where there are some) and `step_s` (the first batch's steady step).
     """
@@ -150,7 +152,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
         longest = max(len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"])
         runner: _GraphRunner | _GenerateRunner = _GraphRunner(
             model, cache_len=longest + max_new_tokens, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
-            kernel=decode_kernel, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or 0)
+            kernel=decode_kernel, compile=decode_compile, max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens or 0)
     else:
         runner = _GenerateRunner(model, eos_ids, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature)
@@ -185,7 +188,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch
     if stats is not None:
         stats["warmup_s"], stats["step_s"] = round(warmup, 2), step_s and round(step_s, 4)
         stats["decode_attention"], stats["decoder"], stats["decoder_why"] = runner.kernel, chosen, why
-        stats["compile_s"] = runner.compile_seconds
+        stats["compile_s"], stats["compiled"] = runner.compile_seconds, runner.compiled
     return [r for r in results if r is not None], time.monotonic() - t0
 
 
@@ -217,6 +220,7 @@ class _GenerateRunner:
     (_DecodeSteps, its streamer)."""
 
     compile_seconds = None
+    compiled = None  # transformers compiles a static cache's step itself
 
     def __init__(self, model, eos_ids: list[int], *, pad_id: int, max_new_tokens: int, min_new_tokens: int | None,
                  do_sample: bool, temperature: float) -> None:
@@ -249,9 +253,11 @@ class _GraphRunner:
     """split_on_oom's function for medcot.decoding: a GraphDecoder for the batch's row count (a new one, and the old
     one's buffers given back, when an out-of-memory split changes it), progress and timing per batch."""
 
-    def __init__(self, model, *, cache_len: int, eos_ids: list[int], pad_id: int, kernel: str, max_new_tokens: int,
-                 min_new_tokens: int) -> None:
+    def __init__(self, model, *, cache_len: int, eos_ids: list[int], pad_id: int, kernel: str, compile: bool,
+                 max_new_tokens: int, min_new_tokens: int) -> None:
         self.model, self.cache_len, self.eos_ids, self.pad_id, self.kernel_choice = model, cache_len, eos_ids, pad_id, kernel
+        self.compile = compile
+        self.compiled: bool | None = None  # whether the decoder's layer was compiled (eval.decode_compile on a GPU)
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.decoder = None
         self.kernel: str | None = None
@@ -282,8 +288,9 @@ class _GraphRunner:
             if self.decoder is None or self.decoder.batch != rows:
                 self.close()
                 self.decoder = GraphDecoder(self.model, batch=rows, cache_len=self.cache_len, eos_ids=self.eos_ids,
-                                            pad_id=self.pad_id, kernel=self.kernel_choice)
-                self.kernel = self.decoder.kernel
+                                            pad_id=self.pad_id, kernel=self.kernel_choice,
+                                            compile=self.compile and self.model.device.type == "cuda")
+                self.kernel, self.compiled = self.decoder.kernel, self.decoder.compile
             out = self.decoder.run(input_ids, attention_mask, max_new_tokens=self.max_new_tokens,
                                    min_new_tokens=self.min_new_tokens, on_steps=self._on_steps)
             if self.compile_seconds is None:
@@ -420,6 +427,7 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
             # A rendered chat template holds its own BOS, and its answers end with the end of the assistant's turn.
             add_special_tokens=template != "chat", stop_ids=(answer_end_id(template, tokenizer),),
             decoder=config.eval.decoder, decode_kernel=config.eval.decode_kernel,
+            decode_compile=config.eval.decode_compile,
         )
     rows = [_row(item, out, tokenizer) for item, out in zip(items, outputs, strict=True)]
     summary = summarize(rows, losses, seconds)
@@ -428,7 +436,8 @@ def evaluate_stage(config: RunConfig, runtime: Runtime, which: str, force: bool 
                    batch_size=batch, batch_size_why=batch_why, loss_batch_size=loss_batch, load_seconds=round(load_s, 2),
                    decode_warmup_seconds=stats["warmup_s"], decode_step_seconds=stats["step_s"],
                    decode_attention=stats["decode_attention"], decoder=stats["decoder"],
-                   decoder_why=stats["decoder_why"], decode_compile_seconds=stats["compile_s"])
+                   decoder_why=stats["decoder_why"], decode_compile_seconds=stats["compile_s"],
+                   decode_compiled=stats["compiled"])
 
     with run.publishing(name, config_hash, inputs, started=started) as (tmp, _):
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as f:

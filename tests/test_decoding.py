@@ -249,19 +249,22 @@ def test_triton_kernel_equals_sdpa_on_the_gpu():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("kernel", ["triton", "efficient"])
-def test_compiled_graph_decoder_picks_argmax_tokens_on_the_gpu(kernel):
+@pytest.mark.parametrize("kernel,compiled", [("triton", True), ("efficient", True), ("triton", False)])
+def test_graph_decoder_picks_argmax_tokens_on_the_gpu(kernel, compiled):
     """bf16 on a GPU: each token is the argmax of a plain forward over the sequence (no cache, not compiled), up to
-    bf16 rounding; the step is captured once and replayed for a second batch."""
+    bf16 rounding; the step, its layer compiled or not (eval.decode_compile), is captured once and replayed for a
+    second batch."""
     torch._dynamo.reset()
     model = small_llama(layers=4, head_dim=64, dtype=torch.bfloat16).cuda()
     ids, mask = left_padded(rows=5, width=20, device="cuda")
-    decoder = GraphDecoder(model, batch=5, cache_len=20 + 48, eos_ids=[299], pad_id=0, kernel=kernel)
+    decoder = GraphDecoder(model, batch=5, cache_len=20 + 48, eos_ids=[299], pad_id=0, kernel=kernel, compile=compiled)
     try:
-        assert decoder.kernel == kernel and decoder.compile and decoder.graph_enabled
+        assert decoder.kernel == kernel and decoder.compile == compiled and decoder.graph_enabled
+        assert all(hasattr(layer, "_orig_mod") == compiled for layer in decoder.layers)
         out = decoder.run(ids, mask, max_new_tokens=48)
         graph = decoder.cuda_graph
-        assert graph is not None and decoder.eager_steps == 2 and decoder.compile_seconds > 0
+        assert graph is not None and decoder.eager_steps == 2
+        assert (decoder.compile_seconds > 0) if compiled else decoder.compile_seconds is None
         again = decoder.run(*left_padded(rows=5, width=20, seed=7, device="cuda"), max_new_tokens=48)
         assert decoder.cuda_graph is graph  # replayed, not captured again
     finally:
@@ -275,6 +278,24 @@ def test_compiled_graph_decoder_picks_argmax_tokens_on_the_gpu(kernel):
         chosen_logits = logits[:, 19:-1]
         chosen = chosen_logits.gather(-1, tokens[:, 20:, None]).squeeze(-1)
         assert float((chosen_logits.max(-1).values - chosen).max()) < 0.1
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_generate_compiles_the_decoders_layer_only_where_eval_decode_compile_says(tiny_model):
+    """The evaluate job's generate on a GPU, in bf16, with each setting (the tokens of both are checked against plain
+    forwards by test_graph_decoder_picks_argmax_tokens_on_the_gpu)."""
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = ["What causes anemia?", "Define hypertension in adults, briefly.", "Why?"]
+    for compiled in (True, False):
+        stats: dict = {}
+        rows, _ = generate(model, tokenizer, prompts, max_new_tokens=24, min_new_tokens=24, batch_size=3, stats=stats,
+                           decoder="graph", decode_compile=compiled)
+        assert stats["decoder"] == "graph" and stats["compiled"] is compiled
+        assert (stats["compile_s"] > 0) if compiled else stats["compile_s"] is None
+        assert [r["generated_tokens"] for r in rows] == [24, 24, 24]
 
 
 def test_evaluate_stage_with_the_graph_decoder_records_it_and_logs_progress_every_check(tiny_config, caplog,
@@ -294,6 +315,7 @@ def test_evaluate_stage_with_the_graph_decoder_records_it_and_logs_progress_ever
     summary = json.loads((config.run_dir / "eval-before" / "summary.json").read_text())
     assert summary["decoder"] == "graph" and summary["decoder_why"] == "eval.decoder graph"
     assert summary["decode_attention"] == "sdpa" and summary["decode_compile_seconds"] is None
+    assert summary["decode_compiled"] is False  # eval.decode_compile applies on a GPU only
     assert 0 < summary["decode_step_seconds"] < summary["generation_seconds"]
     steps = [r.getMessage() for r in caplog.records if r.name == "medcot.progress" and "answers ended" in r.getMessage()]
     assert steps and all("tokens/s" in line for line in steps)

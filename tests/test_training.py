@@ -268,3 +268,40 @@ def test_fp16_asked_for_on_cpu_trains_in_fp32(tiny_config):
     config = load_config(None, tiny_config("training.precision=fp16", "model.dtype=float32"))
     args = sft_config(config, select_backend(config.model), ROOT / "unused")
     assert (args.bf16, args.fp16) == (False, False)
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_train(tiny_config, monkeypatch, setting):
+    """jobs/train.py: the model loads with the imports' heap frozen (out of the loaders' gc passes); train() and
+    whatever follows the job see it thawed (Unsloth freezes it for train() itself); MEDCOT_GC_FREEZE=0 turns it off."""
+    import gc
+    import importlib.util
+    import sys
+
+    import transformers
+
+    import medcot.modeling
+
+    assert gc.get_freeze_count() == 0
+    if setting is not None:
+        monkeypatch.setenv("MEDCOT_GC_FREEZE", setting)
+    seen: dict[str, int] = {}
+    load, train = medcot.modeling.load_model, transformers.Trainer.train
+
+    def loading(*args, **kwargs):
+        seen["load"] = gc.get_freeze_count()
+        return load(*args, **kwargs)
+
+    def training(self, *args, **kwargs):
+        seen["train"] = gc.get_freeze_count()
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(medcot.modeling, "load_model", loading)
+    monkeypatch.setattr(transformers.Trainer, "train", training)
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.setattr(sys, "argv", ["jobs/train.py", *tiny_config()])
+    assert job.main() == 0
+    assert (seen["load"] > 1000) if setting is None else seen["load"] == 0
+    assert seen["train"] == 0 and gc.get_freeze_count() == 0
