@@ -162,11 +162,16 @@ def environment() -> dict[str, Any]:
 
 def merge_results(parts: list[dict]) -> dict:
     """Results of several runs (e.g. one per device call): later runs replace the same measurement."""
-    merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "chain": {}, "train": {}, "reference": {}, "eval": {}, "decode": {}}
+    merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "chain": {}, "chain_variants": {}, "train": {},
+                              "reference": {}, "eval": {}, "decode": {}}
     for part in parts:
         merged["meta"] = {**merged["meta"], **part.get("meta", {})}
         merged["peak"] = part.get("peak") or merged["peak"]
-        merged["chain"] = part.get("chain") or merged["chain"]
+        chain = part.get("chain") or {}
+        if chain.get("overrides"):  # a chain run with settings other than the recipe's: shown apart, never judged
+            merged["chain_variants"][", ".join(chain["overrides"])] = chain
+        elif chain:
+            merged["chain"] = chain
         if part.get("build") and not (part["build"].get("reused") and merged["build"]):  # keep the timed build
             merged["build"] = part["build"]
         for key in ("train", "eval", "decode"):

@@ -49,6 +49,10 @@ def _verdict(ok: bool | None) -> str:
 
 
 def render(results: dict) -> str:
+    if (results.get("chain") or {}).get("overrides"):  # one session's run with other settings: shown, not judged
+        chain = results["chain"]
+        results = {**results, "chain": {},
+                   "chain_variants": {**(results.get("chain_variants") or {}), ", ".join(chain["overrides"]): chain}}
     meta, peak = results["meta"], results.get("peak", {}).get("matmul_bf16_tflops")
     v = meta.get("versions", {})
     lines = [
@@ -102,6 +106,8 @@ def render(results: dict) -> str:
             lines.append(f"| {backend} | {gc} | (worker exit: {run['exit']}) | | | | | |")
 
     lines += _chain_lines(results.get("chain") or {})
+    for overrides, chain in (results.get("chain_variants") or {}).items():
+        lines += _chain_lines(chain, f"### The chain again, every job with `{overrides}` (not judged)")
 
     # Runs since the compile cache (issue 15) record the first step and which cache they started from.
     steps = any("first_step_s" in e for e in results["reference"].values())
@@ -174,11 +180,12 @@ def render(results: dict) -> str:
 CHAIN_TARGETS = {"chain_wall_s": 300, "eval_tokens_per_s": 8000, "second_eval_compile_s": 5, "reference_wall_s": 90}
 
 
-def _chain_lines(chain: dict) -> list[str]:
+def _chain_lines(chain: dict, title: str = "## The chain (five jobs, each its own process, as `docker compose up` "
+                                          "runs them)") -> list[str]:
     """The five jobs of the chain, each its own process: wall, start-up, compilation, and what each did."""
     if not chain.get("stages"):
         return []
-    lines = ["", "## The chain (five jobs, each its own process, as `docker compose up` runs them)", "",
+    lines = ["", title, "",
              "The recipe's config on the synthetic rows (500 trained, 100 held out), 1,200 new tokens per answer, "
              "`eval.batch_size: auto`. Start-up = wall time before the stage's own work began (Python, imports, CUDA, "
              "config). Compile = the train job's first step beyond a steady one, or an evaluate job's prefill and first "
