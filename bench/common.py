@@ -167,6 +167,7 @@ def merge_results(parts: list[dict]) -> dict:
     for part in parts:
         merged["meta"] = {**merged["meta"], **part.get("meta", {})}
         merged["peak"] = part.get("peak") or merged["peak"]
+        merged["chain_variants"].update(part.get("chain_variants", {}))
         chain = part.get("chain") or {}
         if chain.get("overrides"):  # a chain run with settings other than the recipe's: shown apart, never judged
             merged["chain_variants"][", ".join(chain["overrides"])] = chain

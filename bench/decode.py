@@ -145,6 +145,10 @@ def parse_run(run: str) -> tuple[str, str, bool]:
     return (parts[0] if len(parts) > 1 else "auto"), parts[-1], compiled
 
 
+def _label(decoder: str, kernel: str, compiled: bool) -> str:
+    return f"{decoder}:{kernel}" + ("" if compiled else ", layer not compiled")
+
+
 def run_section(session: Session, name: str) -> None:
     args = session.args
     out_dir = Path(args.out)
@@ -153,7 +157,7 @@ def run_section(session: Session, name: str) -> None:
     for cache in caches.values():
         shutil.rmtree(cache, ignore_errors=True)
     # Labels name the decoder: rows of the graph decoder and of transformers' generate stay apart in the tables.
-    named = {k: "{}:{}{}".format(*parse_run(k)[:2], ", layer not compiled" if not parse_run(k)[2] else "") for k in kernels}
+    named = {k: _label(*parse_run(k)) for k in kernels}
     runs = [(f"empty cache, {named[k]}", k, {"full": True, "profile": i == 0}) for i, k in enumerate(kernels)]
     runs.append((f"the first run's cache, {named[kernels[0]]}", kernels[0], {}))
     results = session.results.setdefault("decode", {})

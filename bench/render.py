@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.common import merge_results
 from medcot.attention import DECODE_KERNELS, GQA_DECODE  # (no torch at import)
 from medcot.modeling import checkpointing_name
 
@@ -49,10 +50,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def render(results: dict) -> str:
-    if (results.get("chain") or {}).get("overrides"):  # one session's run with other settings: shown, not judged
-        chain = results["chain"]
-        results = {**results, "chain": {},
-                   "chain_variants": {**(results.get("chain_variants") or {}), ", ".join(chain["overrides"]): chain}}
+    results = merge_results([results])  # a session's own results too: a chain with overrides is shown apart
     meta, peak = results["meta"], results.get("peak", {}).get("matmul_bf16_tflops")
     v = meta.get("versions", {})
     lines = [
