@@ -169,9 +169,16 @@ def render(results: dict) -> str:
     for name, measured, ok in _targets(results, mfu):
         lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
     if (results.get("chain") or {}).get("stages"):
+        targets, whole_call = _chain_targets(results)
         lines += ["", "## Issue 15's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-        for name, measured, ok in _chain_targets(results):
-            lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
+        lines += [f"| {name} | {measured} | {_verdict(ok)} |" for name, measured, ok in targets]
+        if whole_call:
+            lines += ["", "## Beyond issue 15's targets: the evaluate job's whole generate call, its compile included", "",
+                      "The issue's baselines were measured after a warm-up of the same shapes, and it budgets the "
+                      "second evaluate job's compile apart. These rows hold the whole call, compile and early ends "
+                      "included, to the same rate, per compile-cache state.", "",
+                      "| stricter than the target | measured | verdict |", "| --- | --- | --- |"]
+            lines += [f"| {name} | {measured} | {_verdict(ok)} |" for name, measured, ok in whole_call]
     return "\n".join(lines) + "\n"
 
 
@@ -240,9 +247,11 @@ def _decode_lines(decode: dict) -> list[str]:
     lines = ["", "## Decoding (the evaluate job's generate at batch 101, 1,200 new tokens; each row a new process)", "",
              "Compile = the first call's time beyond steady steps (prefill, compilation, CUDA-graph capture); torch's "
              "own count of it: Dynamo and Inductor together, and Dynamo's tracing of the Python code alone. Steady = "
-             "the median decoding step of the full run.", "",
-             "| run | decoding-step attention | compile | torch: compile / tracing | steady step | steady tokens/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "the median decoding step of the full run. Warm call = the same generate call again in that process, as "
+             "issue 15's baselines were measured (after a warm-up of the same shapes): generated tokens / its time.", "",
+             "| run | decoding-step attention | compile | torch: compile / tracing | steady step | steady tokens/s "
+             "| warm call tokens/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, e in decode.items():
         full = e.get("full") or e.get("first") or {}
         # Runs before the kernel was recorded name it in their label ("..., matmul"); earlier ones ran sdpa.
@@ -258,20 +267,32 @@ def _decode_lines(decode: dict) -> list[str]:
                    f"{_fmt(_compile_time(e, 'bytecode_tracing'), '.1f', ' s')}")
         lines.append(f"| {label} | {kernel} | {_fmt(compile_s, '.1f', ' s')}"
                      f"{' (40 steps)' if 'first_40_steps_s' in e else ''} | {torch_s} | "
-                     f"{_fmt(step * 1000 if step else None, '.1f', ' ms')} | {_fmt(101 / step if step else None)} |")
+                     f"{_fmt(step * 1000 if step else None, '.1f', ' ms')} | {_fmt(101 / step if step else None)} | "
+                     f"{_fmt((e.get('warm') or {}).get('tokens_per_s'))} |")
     return lines
 
 
-def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
+def _chain_targets(results: dict) -> tuple[list[tuple[str, str, bool | None]], list[tuple[str, str, bool | None]]]:
+    """Issue 15's targets, and the stricter rows beyond them (the evaluate job's whole generate call)."""
     t, chain = CHAIN_TARGETS, results["chain"]
     stages = chain["stages"]
     out: list[tuple[str, str, bool | None]] = []
+    whole_call: list[tuple[str, str, bool | None]] = []
     wall = chain.get("wall_s")
     out.append((f"whole chain <= {t['chain_wall_s']} s, downloads excluded", _fmt(wall, '.1f', ' s'),
                 None if wall is None else wall <= t["chain_wall_s"]))
     evals = {s: e for s, e in stages.items() if s.startswith("eval")}
-    # Decoding as issue 15's own baselines were measured (the Generation table: after a warm-up of the same shapes),
-    # from the steady step; then the whole generate call, its compilation and the rows that ended early included.
+    # Decoding as issue 15's own baselines were measured (the Generation table: the generate call after a warm-up of
+    # the same shapes), by the decode section's second call with the evaluate job's decoder on a GPU ...
+    warm = {label: e["warm"]["tokens_per_s"] for label, e in (results.get("decode") or {}).items()
+            if e.get("warm") and (e.get("full") or {}).get("decoder") == "graph"
+            and e["full"].get("decode_attention") == "triton" and e["full"].get("compiled") is not False}
+    if warm:
+        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch, as the issue's "
+                    "baselines were measured: the generate call after a warm-up of the same shapes (decode section, "
+                    "batch 101)", ", ".join(f"{r:,.0f} ({label})" for label, r in warm.items()),
+                    min(warm.values()) >= t["eval_tokens_per_s"]))
+    # ... and the chain's evaluate jobs' steady step; then the whole generate call, compile and early ends included.
     steady = {s: e["batch_size"] / e["step_s"] for s, e in evals.items() if e.get("step_s") and e.get("batch_size")}
     if steady:
         out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: steady decoding",
@@ -283,10 +304,12 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
         for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
             picked = {s: e for s, e in runs.items() if e.get("tokens_per_s")
                       and (e.get("compile_cache_files_before", 0) > 0) == (cache == "shared")}
-            out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: the whole "
-                        f"generate call (compile, early ends), {label}",
-                        ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})" for s, e in picked.items()) or "—",
-                        None if not picked else min(e["tokens_per_s"] for e in picked.values()) >= t["eval_tokens_per_s"]))
+            whole_call.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: the "
+                               f"whole generate call (compile, early ends), {label}",
+                               ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})"
+                                         for s, e in picked.items()) or "—",
+                               None if not picked else min(e["tokens_per_s"] for e in picked.values())
+                               >= t["eval_tokens_per_s"]))
     else:
         rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
         out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch"
@@ -305,7 +328,7 @@ def _chain_targets(results: dict) -> list[tuple[str, str, bool | None]]:
                  if e.get("exit_code") == 0 and e.get("compile_cache") == cache and "profile" not in e}
         out.append((f"reference <= {t['reference_wall_s']} s, {label}", ", ".join(f"{w:.1f} s ({k})" for k, w in walls.items()) or "—",
                     None if not walls else min(walls.values()) <= t["reference_wall_s"]))
-    return out
+    return out, whole_call
 
 
 def _cache_text(entry: dict) -> str:
