@@ -298,7 +298,6 @@ def _chain_targets(results: dict) -> tuple[list[tuple[str, str, bool | None]], l
         out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: steady decoding",
                     ", ".join(f"{r:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, r in steady.items()),
                     min(steady.values()) >= t["eval_tokens_per_s"]))
-    if steady:
         # Since session 9, judged per compile-cache state, as the reference is: the whole call includes the compile.
         runs = {**evals, "eval-after, empty cache": chain.get("eval_after_without_cache") or {}}
         for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
