@@ -83,6 +83,10 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
     if "nofreeze" in variant.split(":")[2:]:
         env["MEDCOT_GC_FREEZE"] = "0"
         entry["gc_freeze"] = False
+    # alltrainers: Unsloth rewrites every TRL trainer at its import, not the SFT trainer alone (medcot.unsloth_trainers).
+    if "alltrainers" in variant.split(":")[2:]:
+        env["MEDCOT_UNSLOTH_SFT_ONLY"] = "0"
+        entry["unsloth_sft_only"] = False
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
     entry["compile_cache_files_before"] = file_count(cache)
@@ -130,7 +134,7 @@ def profile_text(path: Path, top: int = 60) -> str:
 REF_FLAGS: dict[str, dict[str, Any]] = {
     "padded": {"padding_free": False}, "padding_free": {"padding_free": True},
     "rebalance": {"sampling": "batch_rebalance"}, "grouped": {"sampling": "group_by_length"}, "cold": {}, "profile": {},
-    "nofreeze": {},
+    "nofreeze": {}, "alltrainers": {},
 }
 
 

@@ -135,6 +135,7 @@ def render(results: dict) -> str:
             gc = f"auto: {checkpointing_name(e['checkpointing'])}"
         profiled = " (under cProfile: diagnosis, not timing)" if "profile" in e else ""
         profiled += ", imports' heap not frozen (MEDCOT_GC_FREEZE=0)" if e.get("gc_freeze") is False else ""
+        profiled += ", every TRL trainer rewritten (MEDCOT_UNSLOTH_SFT_ONLY=0)" if e.get("unsloth_sft_only") is False else ""
         lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded}{profiled} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
                      f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |"

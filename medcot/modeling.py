@@ -90,6 +90,9 @@ def select_backend(cfg: ModelConfig) -> Runtime:
         elif importlib.util.find_spec("unsloth") is None:
             reason = "the `unsloth` package is not installed (make setup-gpu, or pip install -e '.[gpu]')"
         else:
+            from medcot.unsloth_trainers import sft_only
+
+            sft_only()  # Unsloth rewrites TRL's SFT trainer only, not all of TRL's trainers (7-11 s)
             try:
                 import unsloth  # noqa: F401  -- must precede transformers/trl/peft: it patches them
             except Exception as e:  # unsloth raises plain Exceptions/ImportErrors on unsupported setups

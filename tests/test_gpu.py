@@ -317,6 +317,31 @@ def test_merged_16bit_model_is_base_plus_lora_delta_in_plain_transformers(pipeli
     assert torch.isfinite(merged(ids).logits).all()
 
 
+TRAINER_NAMES = """
+from medcot.config import ModelConfig
+from medcot.modeling import select_backend
+
+select_backend(ModelConfig(backend="unsloth"))
+import trl
+
+print(trl.SFTTrainer.__name__, trl.DPOTrainer.__name__)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed (make setup-gpu)")
+@pytest.mark.parametrize(("setting", "expected"), [(None, "UnslothSFTTrainer DPOTrainer"),
+                                                   ("0", "UnslothSFTTrainer UnslothDPOTrainer")])
+def test_unsloth_rewrites_trls_sft_trainer_alone_unless_told_otherwise(setting, expected, tmp_path):
+    env = {**os.environ, "MEDCOT_COMPILE_CACHE": str(tmp_path / "compile"), "PYTHONPATH": str(ROOT)}
+    env.pop("MEDCOT_UNSLOTH_SFT_ONLY", None)
+    if setting is not None:
+        env["MEDCOT_UNSLOTH_SFT_ONLY"] = setting
+    proc = subprocess.run([sys.executable, "-c", TRAINER_NAMES], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split("\n")[-2] == expected
+
+
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
