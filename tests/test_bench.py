@@ -191,6 +191,21 @@ def test_committed_session11_results_with_the_earlier_sessions_are_benchmarks_md
     # The whole call, per compile-cache state, without an empty-cache rerun of evaluate-after this time.
     assert "early ends), the compile cache of an earlier job | 8,671 (eval-after, batch 101) | **pass** |" in beyond
     assert "early ends), an empty compile cache | 6,786 (eval-before, batch 101) | **miss** |" in beyond
+
+
+# The second machine of session 11: Unsloth rewriting TRL's SFT trainer alone, and every trainer (alltrainers).
+SESSION11_SFT_ONLY = ("2026-12-03-h200-s11-sftonly.json",)
+
+
+def test_committed_sft_only_references_with_the_earlier_sessions_are_benchmarks_md():
+    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9, *SESSION10, *SESSION11,
+                             *SESSION11_SFT_ONLY))
+    assert ("| 8x1, padding-free (padding_free unset), every TRL trainer rewritten (MEDCOT_UNSLOTH_SFT_ONLY=0) | auto: none "
+            "| 79.0 s | 7.5 s |") in table
+    assert "| 8x1, padding-free (padding_free unset) | auto: none | 66.1 s | 7.2 s |" in table
+    # The cold reference of this machine replaces the first machine's (86.7 s, in BENCHMARKS.md's notes).
+    assert "81.9 s (8x1:auto:cold)" in table and "86.7 s" not in table.partition("## Issue 15's targets")[2]
+    assert "8x1:auto:alltrainers vs 2x4:auto: largest per-step loss difference 0.0022 over 60 steps" in table
     assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
 
 
