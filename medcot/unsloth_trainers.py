@@ -55,7 +55,7 @@ def _sft_only(rl: ModuleType) -> None:
     one = getattr(rl, "_patch_trl_rl_trainers", None)
     if not callable(getattr(rl, "patch_trl_rl_trainers", None)) or not callable(one):
         log.info("unsloth: %s has no patch_trl_rl_trainers / _patch_trl_rl_trainers; every TRL trainer is "
-                 "rewritten as Unsloth does it", MODULE)
+                 "rewritten as Unsloth does it", rl.__name__)
         return
 
     def patch_trl_rl_trainers() -> None:
