@@ -17,6 +17,7 @@ import html
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from matplotlib.figure import Figure
 
 from medcot.metrics import TABLE_HEADER, compare, format_table, paired_test_lines, paired_tests, table_cells
 from medcot.rundir import DRY_RUN_DIR, PRODUCER, STAGES, RunDir, StageError, write_json
+from medcot.tracking import configure_wandb
 
 if TYPE_CHECKING:
     from medcot.config import RunConfig
@@ -329,11 +331,22 @@ def report_if_ready(config: RunConfig) -> Path | None:
     tests = paired_test_lines(paired_tests(_paired(rows_before, rows_after)))
     log.info("before/after:\n%s\n%s", format_table(compare(before, after)), "\n".join(tests))
     log.info("report: %s (markdown: %s)", page, md)
-    from medcot.tracking import configure_wandb, log_comparison
-
     if configure_wandb(config):
-        log_comparison(config, rd.root)
+        log_comparison(config, rd.root, (before, rows_before), (after, rows_after))
     return page
+
+
+def log_comparison(config: RunConfig, run_dir: Path, before: tuple[dict[str, Any], list[Row]],
+                   after: tuple[dict[str, Any], list[Row]]) -> None:
+    """Add both evaluations, (summary, rows) each, to the run's W&B run, which configure_wandb set up."""
+    import wandb  # slow to import, and only needed when W&B is on
+
+    run = wandb.init(project=config.tracking.wandb_project, entity=config.tracking.wandb_entity,
+                     id=os.environ["WANDB_RUN_ID"], resume="allow", dir=str(run_dir), name=config.run_name)
+    try:
+        log_to_wandb(run, before[0], after[0], before[1], after[1])
+    finally:
+        run.finish()
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets as _random
-from pathlib import Path
 
 from medcot.config import RunConfig
 
@@ -47,24 +46,3 @@ def configure_wandb(config: RunConfig) -> bool:
         os.environ["WANDB_MODE"] = "offline"
     return True
 
-
-def log_comparison(config: RunConfig, run_dir: Path) -> None:
-    """Add both evaluation summaries and the before/after table to the run's W&B run."""
-    import json
-
-    import wandb
-
-    from medcot.report import log_to_wandb
-
-    def read(stage: str):
-        folder = run_dir / stage
-        rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
-        return json.loads((folder / "summary.json").read_text(encoding="utf-8")), rows
-
-    (before, rows_before), (after, rows_after) = read("eval-before"), read("eval-after")
-    run = wandb.init(project=config.tracking.wandb_project, entity=config.tracking.wandb_entity,
-                     id=os.environ["WANDB_RUN_ID"], resume="allow", dir=str(run_dir), name=config.run_name)
-    try:
-        log_to_wandb(run, before, after, rows_before, rows_after)
-    finally:
-        run.finish()

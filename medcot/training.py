@@ -27,11 +27,22 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from medcot.config import RunConfig
-from medcot.data import Example, data_inputs, tokenize_example
-from medcot.modeling import Runtime
+from medcot.config import RunConfig, save_config
+from medcot.data import Example, data_inputs, prepare, tokenize_example
+from medcot.modeling import (
+    Runtime,
+    add_lora,
+    check_target_modules,
+    checkpointing_name,
+    load_model,
+    load_tokenizer,
+    resolve_checkpointing,
+    resolve_model_path,
+)
 from medcot.progress import duration
 from medcot.resources import resource_errors
+from medcot.rundir import RunDir, StageError, write_json
+from medcot.tracking import configure_wandb
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +233,6 @@ def _optimizer(name: str, runtime: Runtime) -> str:
 
 
 def report_to(config: RunConfig) -> list[str]:
-    from medcot.tracking import configure_wandb
-
     return ["wandb"] if configure_wandb(config) else []
 
 
@@ -395,18 +404,6 @@ STAGE_SECTIONS = ("model", "data", "lora", "training")
 def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int:
     """The train job: prepare data, load model + LoRA, train with resume, publish `train/` atomically."""
     started = time.monotonic()
-    from medcot.config import save_config
-    from medcot.data import prepare
-    from medcot.modeling import (
-        add_lora,
-        check_target_modules,
-        checkpointing_name,
-        load_model,
-        load_tokenizer,
-        resolve_checkpointing,
-        resolve_model_path,
-    )
-    from medcot.rundir import RunDir, write_json
 
     run = RunDir(config.run_dir)
     config_hash = config.section_hash(*STAGE_SECTIONS)
@@ -423,8 +420,6 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     ckpt = run.checkpoints
     owner = ckpt / "config_hash"
     if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash and not force:
-        from medcot.rundir import StageError
-
         raise StageError(
             f"{ckpt} holds checkpoints of a run with a different config; pass --force to discard them "
             f"and start over, or choose another run_name"

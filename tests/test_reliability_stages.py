@@ -179,7 +179,7 @@ IN_PROCESS_FAULTS = [
     ("eval-before", "medcot.evaluate.generate", _raise_before),
     ("eval-before", "medcot.evaluate.write_json", _raise_after),  # generations.jsonl and summary.json written
     ("train", "medcot.training.save_adapter", _raise_after),  # adapter written, summary not
-    ("train", "medcot.rundir.write_json", _raise_after),  # adapter and summary written, config not
+    ("train", "medcot.training.write_json", _raise_after),  # adapter and summary written, config not
     ("eval-after", "medcot.evaluate.write_json", _raise_after),
     ("merge", "medcot.merge.merge_adapter", _truncated_weights),  # weights cut short
     ("merge", "medcot.merge.save_config", _raise_after),  # everything but the manifest written
@@ -222,7 +222,7 @@ def test_a_stage_failing_mid_write_publishes_nothing_and_a_rerun_completes_it(wo
 def test_a_failed_force_redo_keeps_the_previous_result_whole(workdir, monkeypatch, stage, change):
     run_dir = workdir.run_dir
     before = (run_dir / stage / MANIFEST).read_bytes()
-    target = {"eval-before": "medcot.evaluate.write_json", "train": "medcot.rundir.write_json",
+    target = {"eval-before": "medcot.evaluate.write_json", "train": "medcot.training.write_json",
               "merge": "medcot.merge.save_config"}[stage]
     _patch(monkeypatch, target, _raise_after)
 

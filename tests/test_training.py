@@ -280,13 +280,13 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
 
     import transformers
 
-    import medcot.modeling
+    import medcot.training
 
     assert gc.get_freeze_count() == 0
     if setting is not None:
         monkeypatch.setenv("MEDCOT_GC_FREEZE", setting)
     seen: dict[str, int] = {}
-    load, train = medcot.modeling.load_model, transformers.Trainer.train
+    load, train = medcot.training.load_model, transformers.Trainer.train
 
     def loading(*args, **kwargs):
         seen["load"] = gc.get_freeze_count()
@@ -296,7 +296,7 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
         seen["train"] = gc.get_freeze_count()
         return train(self, *args, **kwargs)
 
-    monkeypatch.setattr(medcot.modeling, "load_model", loading)
+    monkeypatch.setattr(medcot.training, "load_model", loading)
     monkeypatch.setattr(transformers.Trainer, "train", training)
     spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
     job = importlib.util.module_from_spec(spec)
