@@ -12,15 +12,13 @@ complete checkpoint, which a failed save never touches.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medcot.rundir import StageError
+from medcot.rundir import ResourceError, first_line, raise_if_disk_full, size_text
 
 if TYPE_CHECKING:
     import torch
@@ -28,15 +26,6 @@ if TYPE_CHECKING:
     from medcot.config import RunConfig
 
 log = logging.getLogger(__name__)
-
-# torch's zip writer reports a full disk as "unexpected pos ..." with no errno, so a failed write is also
-# called a full disk when the filesystem has less than this left.
-LOW_DISK_BYTES = 64 << 20
-
-
-class ResourceError(StageError):
-    """The stage ran out of GPU memory or disk; the message lists what to change. A StageError, so every job
-    reports it as a user error (one message, no traceback)."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -46,40 +35,6 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     # bitsandbytes and some CUDA kernels raise a plain RuntimeError for the same condition.
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def free_bytes(folder: Path) -> int | None:
-    for path in (folder, *folder.parents):
-        if path.exists():
-            return shutil.disk_usage(path).free
-    return None
-
-
-def is_disk_full(error: BaseException, folder: Path) -> bool:
-    for e in _chain(error):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left on device" in text or "os error 28" in text:  # safetensors (Rust) wraps the OSError
-            return True
-    free = free_bytes(folder)
-    return isinstance(error, (OSError, RuntimeError)) and free is not None and free < LOW_DISK_BYTES
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def memory_fixes(config: RunConfig, stage: str) -> list[tuple[str, str]]:
@@ -114,12 +69,12 @@ def memory_fixes(config: RunConfig, stage: str) -> list[tuple[str, str]]:
 
 def oom_message(config: RunConfig, stage: str, error: BaseException, where: str = "") -> str:
     what = {"train": "training", "eval": "evaluation"}.get(stage, stage)
-    lines = [f"CUDA out of memory during {what}{where} ({_first_line(error)})."]
+    lines = [f"CUDA out of memory during {what}{where} ({first_line(error)})."]
     import torch
 
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
-        lines.append(f"Peak allocated {_size(torch.cuda.max_memory_allocated())} of the GPU's {_size(total)}.")
+        lines.append(f"Peak allocated {size_text(torch.cuda.max_memory_allocated())} of the GPU's {size_text(total)}.")
     fixes = memory_fixes(config, stage)
     if fixes:
         again = ("rerun with --force and" if stage == "train" else "rerun with")
@@ -132,13 +87,6 @@ def oom_message(config: RunConfig, stage: str, error: BaseException, where: str 
     return "\n".join(lines)
 
 
-def disk_message(folder: Path, error: BaseException, then: str) -> str:
-    free = free_bytes(folder)
-    left = f"{_size(free)} left" if free is not None else "no space left"
-    return (f"disk full while writing to {folder} ({left}; {_first_line(error)}). {then} Free some space, or "
-            f"set output_dir to a larger disk, and rerun the same command: finished work is kept.")
-
-
 def _free_cuda() -> None:
     import gc
 
@@ -147,12 +95,6 @@ def _free_cuda() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def raise_if_disk_full(error: BaseException, folder: Path, kept: str = "") -> None:
-    """Raise a ResourceError in place of `error` when it comes from a full disk under `folder`."""
-    if isinstance(error, Exception) and not isinstance(error, StageError) and is_disk_full(error, folder):
-        raise ResourceError(disk_message(folder, error, kept)) from None
 
 
 @contextlib.contextmanager

@@ -6,12 +6,14 @@ Layout of `<output_dir>/<run_name>/`:
     eval-before/ train/ eval-after/ merge/ lm-eval/ push/    published stage outputs, each with manifest.json
 
 A stage writes into `.staging/<stage>-<random>/` and is published by one atomic rename once its
-manifest is written. A stage folder without `manifest.json` was never published and is ignored.
+manifest is written. A stage folder without `manifest.json` was never published and is ignored. A write that
+fails on a full disk becomes a ResourceError that names the folder and what was kept (raise_if_disk_full).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -46,6 +48,66 @@ PRODUCER = {
 
 class StageError(RuntimeError):
     """A stage cannot run or publish: missing inputs, or a finished stage that conflicts with the config."""
+
+
+# ---- a full disk: what a failed write says, for every stage that writes ----------------------------------------
+
+# torch's zip writer reports a full disk as "unexpected pos ..." with no errno, so a failed write is also
+# called a full disk when the filesystem has less than this left.
+LOW_DISK_BYTES = 64 << 20
+
+
+class ResourceError(StageError):
+    """The stage ran out of disk (here) or GPU memory (medcot.resources); the message lists what to change. A
+    StageError, so every job reports it as a user error (one message, no traceback)."""
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def free_bytes(folder: Path) -> int | None:
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return shutil.disk_usage(path).free
+    return None
+
+
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text:  # safetensors (Rust) wraps the OSError
+            return True
+    free = free_bytes(folder)
+    return isinstance(error, (OSError, RuntimeError)) and free is not None and free < LOW_DISK_BYTES
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, short enough for a one-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def size_text(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def disk_message(folder: Path, error: BaseException, then: str) -> str:
+    free = free_bytes(folder)
+    left = f"{size_text(free)} left" if free is not None else "no space left"
+    return (f"disk full while writing to {folder} ({left}; {first_line(error)}). {then} Free some space, or "
+            f"set output_dir to a larger disk, and rerun the same command: finished work is kept.")
+
+
+def raise_if_disk_full(error: BaseException, folder: Path, kept: str = "") -> None:
+    """Raise a ResourceError in place of `error` when it comes from a full disk under `folder`."""
+    if isinstance(error, Exception) and not isinstance(error, StageError) and is_disk_full(error, folder):
+        raise ResourceError(disk_message(folder, error, kept)) from None
 
 
 def versions() -> dict[str, str]:
@@ -165,8 +227,6 @@ class RunDir:
             self._swap_in(tmp, self.stage(name))
         except BaseException as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            from medcot.resources import raise_if_disk_full  # it builds on this module
-
             raise_if_disk_full(error, self.root, f"Nothing of '{name}' was published; an earlier result is unchanged.")
             raise
 
