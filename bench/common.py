@@ -47,17 +47,6 @@ def write_result(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def synthetic_prompts(rng, vocab_size: int, n: int) -> list[str]:
-    """`n` inference prompts of 40 to 120 random words of the bench tokenizer (one token each): unequal lengths,
-    left-padded as the evaluate job pads them."""
-    from bench.model import N_SPECIAL
-    from medcot.prompts import inference_prompt
-
-    n_words = vocab_size - N_SPECIAL
-    return [inference_prompt(" ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(rng.randint(40, 120))))
-            for _ in range(n)]
-
-
 def stop_after(steps: int):
     """Stopping criteria for `generate` that end it after `steps` decoding steps, whatever max_new_tokens says (which
     sizes the static KV cache, and so the compiled step): a short run of the full-length shapes."""

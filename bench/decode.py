@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, stop_after, synthetic_prompts, timed, write_result
+from bench.common import Session, base_overrides, stop_after, timed, write_result
+from bench.model import synthetic_prompts
 
 
 def worker_decode(spec: dict) -> None:
@@ -40,7 +41,7 @@ def worker_decode(spec: dict) -> None:
                             f"eval.decode_compile={str(spec.get('compile', True)).lower()}"])
     model_config, _ = plan_eval_model(config)
     runtime = select_backend(model_config)
-    from medcot.evaluate import generate
+    from medcot.generation import generate
     from medcot.modeling import load_with_adapter
 
     t0 = time.monotonic()
@@ -51,7 +52,7 @@ def worker_decode(spec: dict) -> None:
     cuda = torch.cuda.is_available()
 
     from medcot.decoding import GraphDecoder
-    from medcot.evaluate import choose_decoder
+    from medcot.generation import choose_decoder
 
     decoder, _ = choose_decoder(config.eval.decoder, model, do_sample=False)
 

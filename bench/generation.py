@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Session, base_overrides, stop_after, synthetic_prompts, write_result
+from bench.common import Session, base_overrides, stop_after, write_result
+from bench.model import synthetic_prompts
 
 
 def worker_eval(spec: dict) -> None:
@@ -31,7 +32,7 @@ def worker_eval(spec: dict) -> None:
     model_config, _ = plan_eval_model(config)  # what jobs/evaluate.py does before it picks the backend
     runtime = select_backend(model_config)  # imports Unsloth, when chosen, before transformers
 
-    from medcot.evaluate import generate
+    from medcot.generation import generate
     from medcot.modeling import load_with_adapter
 
     t0 = time.monotonic()

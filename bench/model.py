@@ -26,6 +26,16 @@ N_SPECIAL = 256  # Llama-3 keeps its last 256 ids for special tokens: 128000 BOS
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<|finetune_right_pad_id|>"
 
 
+def synthetic_prompts(rng, vocab_size: int, n: int) -> list[str]:
+    """`n` inference prompts of 40 to 120 random words of the bench tokenizer (one token each): unequal lengths,
+    left-padded as the evaluate job pads them."""
+    from medcot.prompts import inference_prompt
+
+    n_words = vocab_size - N_SPECIAL
+    return [inference_prompt(" ".join(f"w{rng.randrange(n_words - 200)}" for _ in range(rng.randint(40, 120))))
+            for _ in range(n)]
+
+
 def build_tokenizer(folder: Path, vocab_size: int):
     """A word-level tokenizer whose vocabulary covers all of Llama-3's ids: the words of the prompt
     templates, then `w0`, `w1`, ... up to id 127999, then 256 special tokens. A synthetic row of N words
