@@ -9,7 +9,7 @@
 Every number goes through medcot's own code: training through `medcot.training.run_training` with a
 config from `medcot.config.load_config`, the reference workload as the train job itself in a subprocess
 (`jobs/train.py --config FILE`, so import and model load count), generation through
-`medcot.evaluate.generate` on `medcot.modeling.load_with_adapter`. Each backend runs in its own process:
+`medcot.generation.generate` on `medcot.modeling.load_with_adapter`. Each backend runs in its own process:
 Unsloth patches transformers when imported, so the transformers baseline must never share a process with it.
 Results are written after every measurement, so a section cut off by its time limit keeps what it measured.
 """

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from medcot.config import load_config
 from medcot.decoding import IMPLEMENTATION, GraphDecoder
-from medcot.evaluate import choose_decoder, generate
+from medcot.generation import choose_decoder, generate
 from medcot.rundir import StageError
 
 from conftest import ROOT

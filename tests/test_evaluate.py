@@ -7,7 +7,8 @@ import torch
 
 from medcot.config import load_config
 from medcot.data import prepare, tokenize_example
-from medcot.evaluate import evaluate_stage, generate, heldout_token_losses
+from medcot.evaluate import evaluate_stage, heldout_token_losses
+from medcot.generation import generate
 from medcot.modeling import load_with_adapter, select_backend
 from medcot.prompts import inference_prompt
 from medcot.rundir import StageError

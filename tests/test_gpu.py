@@ -107,7 +107,7 @@ def run_pipeline(backend: str, model_dir: Path, work: Path) -> dict:
 
     config = load_config(None, overrides(backend, model_dir, work))
     runtime = select_backend(config.model)  # imports Unsloth, when chosen, before transformers
-    from medcot.evaluate import generate
+    from medcot.generation import generate
     from medcot.merge import merge_stage
     from medcot.modeling import load_with_adapter
     from medcot.prompts import inference_prompt
