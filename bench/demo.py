@@ -129,7 +129,7 @@ def main() -> int:
     path = out / f"{result['date']}-cpu-demo-{slug}.json"
     path.write_text(json.dumps(result, indent=2))
     write_benchmarks_md(Path(args.benchmarks_md), load_parts(page_sources(path)))
-    print(f"\nresults: {path}; {args.benchmarks_md} written\n\n{render_demo(result, path.name)}")
+    print(f"\nresults: {path}; {args.benchmarks_md} written\n\n{render_demo(result, load_parts([path])[0].name)}")
     return 0 if all(j["exit"] == 0 for j in result["jobs"]) else 1
 
 

@@ -51,7 +51,7 @@ class Part:
 
     @property
     def date(self) -> str:
-        return self.meta.get("date") or self.data.get("date") or self.name[:10]  # names start with the date
+        return self.meta.get("date") or self.data.get("date") or Path(self.name).name[:10]  # names start with the date
 
     @property
     def kind(self) -> str | None:
@@ -71,9 +71,13 @@ class Row:
 
 
 def load_parts(paths: Iterable[Path | str]) -> list[Part]:
-    """Results files in the order they were measured: by date, then by name."""
-    parts = [Part(Path(p).name, json.loads(Path(p).read_text())) for p in paths]
-    return sorted(parts, key=lambda p: (p.date, p.name))
+    """Results files in the order they were measured: by date, then by name. Each is named by its path from the
+    repository's root (`bench/results/...`), as the tables cite it."""
+    parts = []
+    for path in map(Path, paths):
+        name = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+        parts.append(Part(name, json.loads(path.read_text())))
+    return sorted(parts, key=lambda p: (p.date, Path(p.name).name))
 
 
 def page_sources(extra: Path | None = None) -> list[Path]:
@@ -111,9 +115,11 @@ def _render(parts: list[Part]) -> tuple[str, set[str]]:
              "and the history of the changes that moved a number end the page.", ""]
     if any(p.meta.get("tiny") for p in gpu):
         lines += ["**--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**", ""]
-    lines += ["| topic | current figure | measured |", "| --- | --- | --- |"]
-    lines += [f"| [{heading}](#{_anchor(heading)}) | {figure} | {dates} |" for heading, figure, dates in page.glance]
-    lines += ["", "The GPU figures come from `bench/run.py`: medcot's own jobs and code on a Llama-3.1-8B-shaped model "
+    if page.glance:
+        lines += ["| topic | current figure | measured |", "| --- | --- | --- |"]
+        lines += [f"| [{heading}](#{_anchor(heading)}) | {figure} | {dates} |" for heading, figure, dates in page.glance]
+        lines.append("")
+    lines += ["The GPU figures come from `bench/run.py`: medcot's own jobs and code on a Llama-3.1-8B-shaped model "
                   "with random bf16 weights (the architecture of DeepSeek-R1-Distill-Llama-8B); "
                   "[bench/README.md](bench/README.md) says what each number is and how it is counted. The commands run "
                   "on a GPU machine set up with `make setup-gpu`; on a machine that you reach only by copying files to "
@@ -124,10 +130,10 @@ def _render(parts: list[Part]) -> tuple[str, set[str]]:
         b = build.data["build"]
         lines += ["", f"The model: {_fmt(b['params'] / 1e9, '.2f')} B parameters, built on the GPU in {b['build_s']} s and "
                       f"saved ({_fmt(b['bytes'] / 1e9, '.1f')} GB of safetensors) in {b['save_s']} s on {build.date} "
-                      f"(`bench/results/{build.name}`)."]
+                      f"(`{build.name}`)."]
     if page.lock:
-        lines += ["", f"Every GPU table ran on the packages of the image's lock (docker/requirements.lock) but these, "
-                      f"which are off the timed path: {page.lock}."]
+        lines += ["", f"Every GPU table ran on the packages of the image's lock (docker/requirements.lock) but these: "
+                      f"{page.lock}."]
     for section in sections:
         lines += section
     return "\n".join(lines) + "\n", page.cited
@@ -162,7 +168,7 @@ class _Page:
         for (machine, versions, lock), group in groups.items():
             dates = _and(sorted({p.date for p in group}))
             differs = f"; installed versus the image's lock: {lock}" if lock else ""
-            files = ", ".join(f"`bench/results/{p.name}`" for p in group)
+            files = ", ".join(f"`{p.name}`" for p in group)
             lines.append(f"- Measured {dates} on {machine}: {versions}{differs}. Results: {files}.")
         if extra:
             lines.append(f"- {extra}")
@@ -365,7 +371,8 @@ def _reference_section(parts: list[Part], page: _Page) -> list[str]:
     variants = [r.entry["variant"] for r in sorted(rows, key=lambda r: (":cold" not in r.entry.get("variant", ""),
                                                                         r.entry.get("compile_cache") == "shared"))]
     lines = ["", "## The reference train job", "",
-             f"`jobs/train.py` with the recipe (`{RECIPE.relative_to(ROOT)}`: {micro} x {accum} rows a step, 60 steps, "
+             f"`jobs/train.py` with the recipe (`{RECIPE.relative_to(ROOT)}`: {micro * accum} rows a step as {accum} "
+             f"micro-batch{'es' if accum > 1 else ''} of {micro}, 60 steps, "
              "`lora.use_gradient_checkpointing: auto`) on 500 synthetic rows of realistic lengths, timed from start to "
              "exit: import and model load included. Compile cache: the one an earlier job filled, or empty, as for the "
              "first job of a new machine. Start-up = the wall time before the job's own work began (interpreter, "
@@ -708,7 +715,7 @@ def render_demo(result: dict[str, Any], name: str) -> str:
     lines = ["## The CPU demo", "",
              "`make demo` on a CPU, timed job by job, and the numbers its report shows.", "",
              f"- Measured {result['date']} on {result['machine']}: torch {result['torch']}, {result['dtype']}; {source}. "
-             f"Results: `bench/results/{name}`.",
+             f"Results: `{name}`.",
              "- Rerun: `python3 bench/demo.py --clean-clone` (a clone of HEAD, `make setup` without caches, then the "
              "demo's jobs).", "", "| step | wall |", "| --- | ---: |"]
     if result.get("setup_s") is not None:

@@ -78,12 +78,12 @@ def test_every_committed_results_file_feeds_a_table_and_superseded_ones_are_in_h
     assert md.read_text().endswith("\n## Notes\n\nhand-written\n") and "# old tables" not in md.read_text()
     # The chain of 2026-12-02 is superseded by the one of 2026-12-03: nothing of its file is shown.
     superseded = write_benchmarks_md(md, load_parts([*CURRENT, RESULTS / "history" / "2026-12-02-h200-chain-d.json"]))
-    assert superseded == ["2026-12-02-h200-chain-d.json"]
+    assert superseded == ["bench/results/history/2026-12-02-h200-chain-d.json"]
 
 
 def test_results_are_read_by_date_whatever_the_order_given():
     names = [p.name for p in load_parts(reversed(CURRENT))]
-    assert names == sorted(names) and names[0].startswith("2026-12-01") and names[-1].startswith("2026-12-03")
+    assert names == sorted(names) and names[0].startswith("bench/results/2026-12-01") and "2026-12-03" in names[-1]
 
 
 def test_the_page_opens_with_each_topics_current_figure_and_its_date():
@@ -259,7 +259,7 @@ def test_a_merged_file_keeps_its_chain_with_overrides_apart_from_the_recipes():
 def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_the_demos_targets():
     path = next(RESULTS.glob("*-cpu-demo-*.json"))
     result = json.loads(path.read_text())
-    assert render_demo(result, path.name) in (ROOT / "BENCHMARKS.md").read_text()
+    assert render_demo(result, f"bench/results/{path.name}") in (ROOT / "BENCHMARKS.md").read_text()
     checked = demo_verdicts(result)
     assert len(checked) == 6 and all(ok for _, _, ok in checked), checked
 
