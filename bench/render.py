@@ -55,7 +55,7 @@ class Part:
 
     @property
     def kind(self) -> str | None:
-        """"gpu" for bench/run.py's results, "demo" for bench/demo.py's; None for the other scripts' (no table)."""
+        """Which script wrote it: "gpu" (bench/run.py), "demo" (bench/demo.py), or None (another; no table)."""
         if "meta" in self.data:
             return "gpu"
         return "demo" if "jobs" in self.data and "machine" in self.data else None
@@ -119,12 +119,12 @@ def _render(parts: list[Part]) -> tuple[str, set[str]]:
         lines += ["| topic | current figure | measured |", "| --- | --- | --- |"]
         lines += [f"| [{heading}](#{_anchor(heading)}) | {figure} | {dates} |" for heading, figure, dates in page.glance]
         lines.append("")
-    lines += ["The GPU figures come from `bench/run.py`: medcot's own jobs and code on a Llama-3.1-8B-shaped model "
-                  "with random bf16 weights (the architecture of DeepSeek-R1-Distill-Llama-8B); "
-                  "[bench/README.md](bench/README.md) says what each number is and how it is counted. The commands run "
-                  "on a GPU machine set up with `make setup-gpu`; on a machine that you reach only by copying files to "
-                  "it, put `bash bench/device.sh` in place of `python3 bench/run.py`. This page is written from "
-                  "`bench/results/*.json` by `python3 bench/run.py --render bench/results/*.json`."]
+    lines.append("The GPU figures come from `bench/run.py`: medcot's own jobs and code on a Llama-3.1-8B-shaped model "
+                 "with random bf16 weights (the architecture of DeepSeek-R1-Distill-Llama-8B); "
+                 "[bench/README.md](bench/README.md) says what each number is and how it is counted. The commands run "
+                 "on a GPU machine set up with `make setup-gpu`; on a machine that you reach only by copying files to "
+                 "it, put `bash bench/device.sh` in place of `python3 bench/run.py`. This page is written from "
+                 "`bench/results/*.json` by `python3 bench/run.py --render bench/results/*.json`.")
     build = next((p for p in reversed(gpu) if p.data.get("build", {}).get("build_s")), None)
     if build:
         b = build.data["build"]
