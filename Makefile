@@ -116,12 +116,12 @@ test-containers: setup  ## build the image and run the chain in containers (need
 	$(PY) -m pytest -q -s -m container tests/test_container_chain.py
 
 lint: setup  ## ruff
-	$(PY) -m ruff check medcot jobs tests
+	$(PY) -m ruff check medcot jobs tests bench
 
 bench: setup-gpu  ## GPU benchmarks on a Llama-3.1-8B-shaped model -> bench/results, BENCHMARKS.md
 	$(PY) bench/run.py $(ARGS)
 
-# -- Containers: the same chain on a cloud GPU VM (README: Run on a cloud GPU VM) -------------------------------------
+# -- Containers: the same chain on a cloud GPU VM (docs/containers.md) -----------------------------------------------
 COMPOSE ?= docker compose
 PUSH ?=
 # CPU=1: the chain without the GPU reservation (compose.cpu.yaml), on any Docker host: a smoke test.

@@ -7,5 +7,7 @@
     train       sections train and levers: run_training at fixed shapes
     reference   section reference: the train job itself on synthetic rows
     generation  section eval: the evaluate job's generate
-    render      BENCHMARKS.md: tables, targets, verdicts
+    chain       section chain: the five jobs, each its own process, as the containers run them
+    decode      section decode: where an evaluate job's generation time goes
+    render      BENCHMARKS.md from bench/results/*.json: one table per topic, its date, machine and versions, targets
 """

@@ -4,7 +4,7 @@
     python3 bench/run.py --sections peak,train,reference   # some sections, in this order
     python3 bench/run.py --sections build,chain,reference  # the five jobs as the chain runs them, then the train job
     python3 bench/run.py --tiny --work /tmp/bt             # the same pipeline on a 2-layer model (smoke test)
-    python3 bench/run.py --render bench/results/A.json [B.json ...]   # rewrite BENCHMARKS.md from results
+    python3 bench/run.py --render bench/results/*.json     # rewrite BENCHMARKS.md from the results files
 
 Every number goes through medcot's own code: training through `medcot.training.run_training` with a
 config from `medcot.config.load_config`, the reference workload as the train job itself in a subprocess
@@ -27,7 +27,7 @@ from typing import Any
 from bench import chain, decode, generation, model, peak, reference, train
 from bench.common import ROOT, Session, environment, lock_differences, merge_results
 from bench.model import R1_DISTILL_LLAMA_8B, TINY
-from bench.render import render, write_benchmarks_md
+from bench.render import Part, load_parts, page_sources, render, write_benchmarks_md
 
 # What `--worker KIND` runs, in the fresh process that run_worker starts.
 WORKERS = {"peak": peak.worker_peak, "build": model.worker_build, "train": train.worker_train,
@@ -100,8 +100,12 @@ def main() -> int:
         print(f"{len(differences)} package(s) differ from the lock")
         return 0
     if args.render:
-        results = merge_results([json.loads(Path(p).read_text()) for p in args.render])
-        write_benchmarks_md(Path(args.benchmarks_md), results)
+        parts = load_parts(args.render)
+        for name in write_benchmarks_md(Path(args.benchmarks_md), parts):
+            print(f"{name}: no table shows it any more; move it to bench/results/history/")
+        for part in parts:
+            if part.kind is None:
+                print(f"{part.name}: another script's results (no table; the notes cite it)")
         print(f"wrote {args.benchmarks_md}")
         return 0
 
@@ -119,8 +123,9 @@ def main() -> int:
         results = merge_results([json.loads(path.read_text()), {"meta": meta}])
 
     def save() -> None:
+        # The page as it will read: the committed results with this run's in place (a --tiny run's alone).
         path.write_text(json.dumps(results, indent=2))
-        write_benchmarks_md(Path(args.benchmarks_md), results)
+        write_benchmarks_md(Path(args.benchmarks_md), load_parts([path] if args.tiny else page_sources(path)))
 
     args.compile_cache = args.compile_cache or str(work / "compile")
     os.environ["MEDCOT_COMPILE_CACHE"] = args.compile_cache  # every job and worker inherits it
@@ -134,5 +139,5 @@ def main() -> int:
             SECTIONS[section](session, section)
             save()
     print(f"results: {path}; log: {log_path}\n")
-    print(render(results))
+    print(render([Part(path.name, results)]))
     return 0

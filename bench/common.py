@@ -150,7 +150,8 @@ def environment() -> dict[str, Any]:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """Results of several runs (e.g. one per device call): later runs replace the same measurement."""
+    """Results of several runs (a second run of a day on the same GPU adds to the first): later runs replace the same
+    measurement."""
     merged: dict[str, Any] = {"meta": {}, "peak": {}, "build": {}, "chain": {}, "chain_variants": {}, "train": {},
                               "reference": {}, "eval": {}, "decode": {}}
     for part in parts:

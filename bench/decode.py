@@ -5,7 +5,7 @@ One worker per value of --decode-kernels ([eval.decoder:]eval.decode_kernel[:eag
 each a new process on an empty compile cache of its own, as an evaluate job is: the evaluate job's `generate` in full
 (1,200 tokens), reporting the compile (prefill, compilation, CUDA-graph capture beyond steady steps) with torch's own
 breakdown of it (`torch._dynamo.utils.compile_times`) and the steady decoding step, then the same call once more in
-that process (after a warm-up of the same shapes, as issue 15's baselines were measured). The first also profiles 30
+that process (after a warm-up of the same shapes, as the evaluation target's baselines were measured). The first also profiles 30
 steps (the GPU kernels by time per step; the trace is kept) and times the decoding attention alone (medcot.kernels against
 PyTorch's memory-efficient kernel over the whole cache) at three cache positions. Then one more worker runs 40 steps
 of the same shapes from the first one's cache: what a second evaluate job pays to compile.
@@ -86,7 +86,7 @@ def worker_decode(spec: dict) -> None:
         out["full"] = {"tokens": tokens, "wall_s": round(wall, 2), **stats,
                        "steady_tokens_per_s": round(batch / stats["step_s"], 1) if stats.get("step_s") else None,
                        "tokens_per_s": round(sum(r["generated_tokens"] for r in rows) / wall, 1)}
-        # The same call again in this process, as issue 15's baselines were measured: the whole generate call
+        # The same call again in this process, as the evaluation target's baselines were measured: the whole generate call
         # (prefill, every step, early ends) after a warm-up of the same shapes, its compilation done.
         t = time.monotonic()
         rows, _ = generate(model, tokenizer, prompts, max_new_tokens=tokens, min_new_tokens=tokens, batch_size=batch,

@@ -6,9 +6,10 @@
 Runs the commands that `make -n demo` prints, each timed from its start to its exit, in a run of its own
 (RUN_NAME=bench-demo-<time>). Prints the stage times and the report's numbers (report/comparison.json): format
 and think-closed rates with their exact McNemar tests, the held-out loss intervals, how many multiple-choice
-answers parse, ROUGE-L's paired difference. Writes bench/results/<date>-cpu-demo.json and the "## The CPU demo"
-section of BENCHMARKS.md (the GPU tables above it are bench/run.py's). Issue 14's targets: setup <= 180 s, the
-jobs <= 300 s, format and think-closed p < 0.05 on >= 20 questions, disjoint loss intervals, most MCQ answers parse.
+answers parse, ROUGE-L's paired difference. Writes bench/results/<date>-cpu-demo-<cpu>.json, then BENCHMARKS.md
+from the results (its "The CPU demo" section shows this run). Targets (bench.render.DEMO_TARGETS): setup <= 180 s,
+the jobs <= 300 s, format and think-closed p < 0.05 on >= 20 questions, disjoint loss intervals, most multiple-choice
+answers parse.
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.render import DEMO_HEADING, NOTES_HEADING  # noqa: E402
-
-TARGETS = {"setup_s": 180, "jobs_s": 300, "p_value": 0.05, "questions": 20}
+from bench.render import load_parts, page_sources, render_demo, write_benchmarks_md  # noqa: E402
 
 
 def _cpu() -> str:
@@ -73,7 +72,7 @@ def run_demo(checkout: Path, env: dict[str, str]) -> dict[str, Any]:
 
 
 def key_numbers(comparison: dict[str, Any]) -> dict[str, Any]:
-    """What issue 14 judges the demo by, from the report's comparison.json."""
+    """What the demo's targets judge it by, from the report's comparison.json."""
     metrics = {row["metric"]: row for row in comparison["metrics"]}
     tests = {t["metric"]: t for t in comparison["paired_tests"]}
     out: dict[str, Any] = {"questions": comparison["n"]["after"]}
@@ -91,68 +90,6 @@ def key_numbers(comparison: dict[str, Any]) -> dict[str, Any]:
     if rouge:
         out["rouge_l"] = {"mean_difference": rouge["mean_difference"], "ci": rouge["ci"], "n": rouge["n"]}
     return out
-
-
-def verdicts(result: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
-    t, r = TARGETS, result.get("report") or {}
-    out: list[tuple[str, str, bool | None]] = []
-    setup = result.get("setup_s")
-    out.append((f"setup <= {t['setup_s']} s (clean clone, no caches)", f"{setup} s" if setup else "not timed (--clean-clone)",
-                None if setup is None else setup <= t["setup_s"]))
-    out.append((f"the demo's jobs <= {t['jobs_s']} s", f"{result['jobs_s']} s", result["jobs_s"] <= t["jobs_s"]))
-    for name in ("format", "think closed"):
-        s = r.get(name)
-        if s:
-            ok = s["after"] > s["before"] and s["p_value"] is not None and s["p_value"] < t["p_value"] and r["questions"] >= t["questions"]
-            out.append((f"{name} rate rises, McNemar p < {t['p_value']} on >= {t['questions']} questions",
-                        f"{s['before']:.2f} -> {s['after']:.2f}, {s['improved']} improved / {s['worsened']} worsened, "
-                        f"p = {s['p_value']:.3g}, {r['questions']} questions", ok))
-    loss = r.get("heldout_loss")
-    if loss:
-        b, a = loss["before_ci"], loss["after_ci"]
-        out.append(("held-out loss intervals do not overlap",
-                    f"{loss['before']:.3f} [{b[0]:.3f}, {b[1]:.3f}] -> {loss['after']:.3f} [{a[0]:.3f}, {a[1]:.3f}]",
-                    a[1] < b[0]))
-    for name, m in (r.get("mcq") or {}).items():
-        out.append((f"most multiple-choice answers parse ({name})", f"{m['parsed']}/{m['n']} parse, {m['correct']} correct "
-                    f"(before: {r['mcq_before'][name]['parsed']}/{m['n']} parse)", m["parsed"] > m["n"] / 2))
-    return out
-
-
-def render(result: dict[str, Any]) -> str:
-    lines = [DEMO_HEADING + " (`make demo`, measured by `python3 bench/demo.py`)", "",
-             f"- {result['machine']}; torch {result['torch']}, {result['dtype']}; {result['date']}"
-             + (f"; clean clone of {result['commit']}" if result.get("setup_s") else f"; checkout at {result['commit']}"),
-             "", "| step | wall |", "| --- | ---: |"]
-    if result.get("setup_s") is not None:
-        lines.append(f"| make setup (venv, CPU torch, uv install, embedded model converted; no caches) | {result['setup_s']} s |")
-    for job in result["jobs"]:
-        failed = "" if job["exit"] == 0 else f" (exit {job['exit']})"
-        lines.append(f"| {job['job']} | {job['wall_s']} s{failed} |")
-    lines += [f"| **the demo's jobs** | **{result['jobs_s']} s** |", "", "| issue 14's target | measured | verdict |",
-              "| --- | --- | --- |"]
-    for name, measured, ok in verdicts(result):
-        lines.append(f"| {name} | {measured} | {'—' if ok is None else ('**pass**' if ok else '**miss**')} |")
-    rouge = (result.get("report") or {}).get("rouge_l")
-    if rouge:
-        lines += ["", f"ROUGE-L against the reference answers: paired difference {rouge['mean_difference']:+.3f} "
-                      f"[{rouge['ci'][0]:+.3f}, {rouge['ci'][1]:+.3f}] over {rouge['n']} held-out questions."]
-    return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the demo's section of BENCHMARKS.md, or put it before the notes."""
-    text = path.read_text()
-    if DEMO_HEADING in text:
-        start = text.index(DEMO_HEADING)
-        end = text.index(NOTES_HEADING, start) if NOTES_HEADING in text[start:] else len(text)
-        text = text[:start] + section + "\n" + text[end:]
-    elif NOTES_HEADING in text:
-        at = text.index(NOTES_HEADING)
-        text = text[:at] + section + "\n" + text[at:]
-    else:
-        text += "\n" + section
-    path.write_text(text)
 
 
 def main() -> int:
@@ -191,9 +128,8 @@ def main() -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", result["machine"].lower()).strip("-")[:40]
     path = out / f"{result['date']}-cpu-demo-{slug}.json"
     path.write_text(json.dumps(result, indent=2))
-    section = render(result)
-    write_section(Path(args.benchmarks_md), section)
-    print(f"\nresults: {path}; section written into {args.benchmarks_md}\n\n{section}")
+    write_benchmarks_md(Path(args.benchmarks_md), load_parts(page_sources(path)))
+    print(f"\nresults: {path}; {args.benchmarks_md} written\n\n{render_demo(result, load_parts([path])[0].name)}")
     return 0 if all(j["exit"] == 0 for j in result["jobs"]) else 1
 
 

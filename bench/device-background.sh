@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole benchmark on a GPU machine that runs commands of at most ~10 minutes each (this workplace's device
-# tool): the first command starts bench/device.sh in a process session of its own, so that it outlives the
-# command, and follows it; each later command follows it on. Every command ends by copying the results JSON
+# The whole benchmark on a GPU machine that you reach only by copying files to it and running commands of at most
+# ~10 minutes each: the first command starts bench/device.sh in a process session of its own, so that it outlives
+# the command, and follows it; each later command follows it on. Every command ends by copying the results JSON
 # and the log into OUT (and prints the log's tail), so what was measured comes back even if the machine goes.
 #     bash bench/device-background.sh start "$OUT" --sections peak,build,train   # then, until it says "finished":
 #     bash bench/device-background.sh follow "$OUT"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# bench/run.py on an offline GPU machine that has torch, transformers and peft but not the rest: makes an environment
-# of the lock's packages only (bench/lockenv.py: the wheels carried in .whl/, bench/wheels.sh's, and the machine's own
-# packages that the lock names; not the hundred others it has, which libraries would import), prints where it still
-# differs from docker/requirements.lock, then runs the benchmark with the given arguments in it.
+# bench/run.py on a GPU machine that you reach only by copying files to it (no package index), with torch,
+# transformers and peft installed but not the rest: makes an environment of the lock's packages only (bench/lockenv.py:
+# the wheels copied in .whl/, bench/wheels.sh's, and the machine's own packages that the lock names; not the hundred
+# others it has, which libraries would import), prints where it still differs from docker/requirements.lock, then runs
+# the benchmark with the given arguments in it.
 #     bash bench/device.sh --sections peak,build,train --out "$OUT"
 #     GPU_TESTS=/tmp/gpu-tests.log bash bench/device.sh --sections build,chain --out "$OUT"   # pytest -m gpu first
 set -euo pipefail

@@ -75,7 +75,7 @@ def run_reference(args, model_dir: Path, work: Path, variant: str, deadline: flo
                              "rows": n_rows, "row_tokens": {"mean": round(statistics.mean(lengths)),
                                                             "median": statistics.median(lengths), "max": max(lengths)}}
     # cold: an empty compile cache of its own, as on a new machine; otherwise the session's, which earlier jobs
-    # filled (or not: the first job of a session on a new machine finds it empty, and is judged as such).
+    # filled (or not: the first job of a benchmark run on a new machine finds it empty, and is judged as such).
     cold = "cold" in variant.split(":")[2:]
     cache = work / f"compile-empty-{variant.replace(':', '-')}" if cold else Path(args.compile_cache)
     env = {"MEDCOT_COMPILE_CACHE": str(cache)} if cold else {}

@@ -1,42 +1,205 @@
-"""BENCHMARKS.md from results: the tables, issue 5's targets and the verdicts on them."""
+"""BENCHMARKS.md from the results files: one section per topic, each with the date, machine and versions its figures
+were measured on, the command that measures them again, the figures and their targets. The hand-written end of the
+page, from `## Notes` on (what to keep in mind, and the history of the changes that moved a number), is kept.
+
+    python3 bench/run.py --render bench/results/*.json
+
+Each table shows the latest measurement of each thing: results are read by date, then by file name, and a later
+measurement of the same run replaces an earlier one. Results that no table shows any more go to bench/results/history/.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import merge_results
+import yaml
+
 from medcot.attention import DECODE_KERNELS, GQA_DECODE  # (no torch at import)
 from medcot.modeling import checkpointing_name
 
-# Issue 5's targets (H100 80GB), checked in BENCHMARKS.md.
-TARGETS = {
-    "unsloth_2x2048_tokens_per_s": 9500, "unsloth_vs_transformers_2x2048": 3.5, "unsloth_2x2048_peak_gib": 8.0,
-    "mfu_8x2048": 0.50, "reference_wall_s": 90, "eval_b32_tokens_per_s": 2000, "eval_b1_tokens_per_s": 65,
-    "eval_vs_transformers_4bit": 3.0,
-}
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+RECIPE = ROOT / "configs" / "deepseek-r1-distill-llama-8b-medical.yaml"
 NOTES_HEADING = "## Notes"  # where the hand-written part of BENCHMARKS.md starts
-DEMO_HEADING = "## The CPU demo"  # bench/demo.py's section, written by that script
-KEPT_HEADINGS = (DEMO_HEADING, NOTES_HEADING)
+
+# Targets (set on an H100 80GB), judged under the table of what they measure.
+TRAIN_TARGETS = {"unsloth_2x2048_tokens_per_s": 9500, "unsloth_vs_transformers_2x2048": 3.5, "unsloth_2x2048_peak_gib": 8.0,
+                 "mfu_8x2048": 0.50}
+GENERATION_TARGETS = {"eval_b32_tokens_per_s": 2000, "eval_b1_tokens_per_s": 65, "eval_vs_transformers_4bit": 3.0}
+CHAIN_TARGETS = {"chain_wall_s": 300, "eval_tokens_per_s": 8000, "second_eval_compile_s": 5, "reference_wall_s": 90}
+DEMO_TARGETS = {"setup_s": 180, "jobs_s": 300, "p_value": 0.05, "questions": 20}
+
+Verdicts = list[tuple[str, str, "bool | None"]]
 
 
-def write_benchmarks_md(path: Path, results: dict) -> None:
-    """The tables from the results; what follows them in the file is kept: the CPU demo's section (bench/demo.py)
-    and the hand-written `## Notes`."""
-    kept = ""
+@dataclass(frozen=True, eq=False)  # one object per file: hashed by identity
+class Part:
+    """One results file: its name, cited under the tables it feeds, and what it holds."""
+
+    name: str
+    data: dict
+
+    @property
+    def meta(self) -> dict:
+        return self.data.get("meta") or {}
+
+    @property
+    def date(self) -> str:
+        return self.meta.get("date") or self.data.get("date") or Path(self.name).name[:10]  # names start with the date
+
+    @property
+    def kind(self) -> str | None:
+        """Which script wrote it: "gpu" (bench/run.py), "demo" (bench/demo.py), or None (another; no table)."""
+        if "meta" in self.data:
+            return "gpu"
+        return "demo" if "jobs" in self.data and "machine" in self.data else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measurement a table shows: its key in the results, what was measured, and the file it came from."""
+
+    key: str
+    entry: dict
+    part: Part
+
+
+def load_parts(paths: Iterable[Path | str]) -> list[Part]:
+    """Results files in the order they were measured: by date, then by name. Each is named by its path from the
+    repository's root (`bench/results/...`), as the tables cite it."""
+    parts = []
+    for path in map(Path, paths):
+        name = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+        parts.append(Part(name, json.loads(path.read_text())))
+    return sorted(parts, key=lambda p: (p.date, Path(p.name).name))
+
+
+def page_sources(extra: Path | None = None) -> list[Path]:
+    """The files BENCHMARKS.md is written from: bench/results/*.json, with `extra` (a run's new results) in place of a
+    file of the same name."""
+    paths = {p.name: p for p in RESULTS.glob("*.json")}
+    if extra is not None:
+        paths[extra.name] = extra
+    return sorted(paths.values())
+
+
+def write_benchmarks_md(path: Path, parts: list[Part]) -> list[str]:
+    """The page from `parts`, above the hand-written notes that the file already has. Returns the names of the GPU
+    and demo results that no table shows (superseded: they belong in bench/results/history/)."""
     text = path.read_text() if path.is_file() else ""
-    starts = [text.index(heading) for heading in KEPT_HEADINGS if heading in text]
-    if starts:
-        kept = "\n" + text[min(starts):]
-    path.write_text(render(results) + kept)
+    kept = "\n" + text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+    page, cited = _render(parts)
+    path.write_text(page + kept)
+    return [p.name for p in parts if p.kind and p.name not in cited]
 
 
-def _shape(results: dict, key: str, batch: int, seq: int) -> dict:
-    for entry in results["train"].get(key, {}).get("shapes", []):
-        if entry["batch"] == batch and entry["seq_len"] == seq:
-            return entry
-    return {}
+def render(parts: list[Part]) -> str:
+    return _render(parts)[0]
+
+
+def _render(parts: list[Part]) -> tuple[str, set[str]]:
+    gpu = [p for p in parts if p.kind == "gpu"]
+    page = _Page(_common_lock(gpu))
+    sections = [_chain_section(gpu, page), _reference_section(gpu, page), _decoding_section(gpu, page),
+                _generation_section(gpu, page), _training_section(gpu, page),
+                _demo_section([p for p in parts if p.kind == "demo"], page)]
+    lines = ["# Benchmarks", "",
+             "The current figures of medcot, one section per topic, each with the date, machine and versions it was "
+             "measured on and the command that measures it again; the targets follow the figures they judge. The notes "
+             "and the history of the changes that moved a number end the page.", ""]
+    if any(p.meta.get("tiny") for p in gpu):
+        lines += ["**--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**", ""]
+    if page.glance:
+        lines += ["| topic | current figure | measured |", "| --- | --- | --- |"]
+        lines += [f"| [{heading}](#{_anchor(heading)}) | {figure} | {dates} |" for heading, figure, dates in page.glance]
+        lines.append("")
+    lines.append("The GPU figures come from `bench/run.py`: medcot's own jobs and code on a Llama-3.1-8B-shaped model "
+                 "with random bf16 weights (the architecture of DeepSeek-R1-Distill-Llama-8B); "
+                 "[bench/README.md](bench/README.md) says what each number is and how it is counted. The commands run "
+                 "on a GPU machine set up with `make setup-gpu`; on a machine that you reach only by copying files to "
+                 "it, put `bash bench/device.sh` in place of `python3 bench/run.py`. This page is written from "
+                 "`bench/results/*.json` by `python3 bench/run.py --render bench/results/*.json`.")
+    build = next((p for p in reversed(gpu) if p.data.get("build", {}).get("build_s")), None)
+    if build:
+        b = build.data["build"]
+        lines += ["", f"The model: {_fmt(b['params'] / 1e9, '.2f')} B parameters, built on the GPU in {b['build_s']} s and "
+                      f"saved ({_fmt(b['bytes'] / 1e9, '.1f')} GB of safetensors) in {b['save_s']} s on {build.date} "
+                      f"(`{build.name}`)."]
+    if page.lock:
+        lines += ["", f"Every GPU table ran on the packages of the image's lock (docker/requirements.lock) but these: "
+                      f"{page.lock}."]
+    for section in sections:
+        lines += section
+    return "\n".join(lines) + "\n", page.cited
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+class _Page:
+    """What the sections share: the lock differences common to every GPU file, and the files the tables cite."""
+
+    def __init__(self, lock: str | None) -> None:
+        self.lock = lock
+        self.cited: set[str] = set()
+        self.glance: list[tuple[str, str, str]] = []  # (section heading, its headline figure, dates): the page's top
+
+    def headline(self, heading: str, figure: str, rows: Iterable[Row | Part]) -> None:
+        dates = sorted({(r.part if isinstance(r, Row) else r).date for r in rows})
+        self.glance.append((heading, figure, _and(dates)))
+
+    def measured(self, parts: Iterable[Part], extra: str = "") -> list[str]:
+        """Under a heading: when, on which machine and with which versions; from which files."""
+        groups: dict[tuple[str, str, str], list[Part]] = {}
+        for part in dict.fromkeys(parts):  # in order, once each
+            self.cited.add(part.name)
+            lock = _lock_text(part.meta)
+            key = (_machine(part.meta), _versions(part.meta), "" if lock == self.lock else lock or "")
+            groups.setdefault(key, []).append(part)
+        lines = []
+        for (machine, versions, lock), group in groups.items():
+            dates = _and(sorted({p.date for p in group}))
+            differs = f"; installed versus the image's lock: {lock}" if lock else ""
+            files = ", ".join(f"`{p.name}`" for p in group)
+            lines.append(f"- Measured {dates} on {machine}: {versions}{differs}. Results: {files}.")
+        if extra:
+            lines.append(f"- {extra}")
+        return lines
+
+
+def _common_lock(parts: list[Part]) -> str | None:
+    texts = {_lock_text(p.meta) for p in parts}
+    return texts.pop() if len(texts) == 1 else None
+
+
+def _lock_text(meta: dict) -> str | None:
+    if "lock_differences" not in meta:  # results from before the lock have no such record
+        return None
+    return ", ".join(f"{name} {d['installed'] or 'missing'} (lock {d['lock']})"
+                     for name, d in sorted(meta["lock_differences"].items())) or "none"
+
+
+def _machine(meta: dict) -> str:
+    return f"{meta.get('gpu')} ({meta.get('gpu_memory', '?')}, driver {meta.get('driver', '?')})"
+
+
+def _versions(meta: dict) -> str:
+    v = meta.get("versions", {})
+    return (f"torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
+            f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')} (zoo {v.get('unsloth_zoo')}), "
+            f"triton {v.get('triton')}, Python {meta.get('python')}")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _fmt(value: Any, spec: str = ",.0f", unit: str = "") -> str:
@@ -49,156 +212,76 @@ def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("**pass**" if ok else "**miss**")
 
 
-def render(results: dict) -> str:
-    results = merge_results([results])  # a session's own results too: a chain with overrides is shown apart
-    meta, peak = results["meta"], results.get("peak", {}).get("matmul_bf16_tflops")
-    v = meta.get("versions", {})
-    lines = [
-        "# Benchmarks",
-        "",
-        "Measured by `python3 bench/run.py` (`make bench`) on a Llama-3.1-8B-shaped model with random bf16 weights "
-        "(the architecture of DeepSeek-R1-Distill-Llama-8B), through medcot's own train and evaluate code. "
-        "See bench/README.md for what each number is and how it is counted. Targets are issue 5's.",
-        "",
-        f"- GPU: {meta.get('gpu')} ({meta.get('gpu_memory', '?')}), driver {meta.get('driver', '?')}; date {meta.get('date')}",
-        f"- torch {v.get('torch')}, transformers {v.get('transformers')}, trl {v.get('trl')}, peft {v.get('peft')}, "
-        f"bitsandbytes {v.get('bitsandbytes')}, unsloth {v.get('unsloth')} (zoo {v.get('unsloth_zoo')}), triton {v.get('triton')}, "
-        f"Python {meta.get('python')}",
-        f"- bf16 matmul peak of this GPU (8192^3, median): {_fmt(peak, ',.0f', ' TFLOP/s')}",
-    ]
-    if "lock_differences" in meta:  # results from before the lock have no such record
-        differences = ", ".join(f"{name} {d['installed'] or 'missing'} (lock {d['lock']})"
-                                for name, d in sorted(meta["lock_differences"].items()))
-        lines.append(f"- installed versus the image's lock (docker/requirements.lock): {differences or 'the same'}")
-    if meta.get("tiny"):
-        lines.append("- **--tiny run: a 2-layer model; these numbers check the benchmark, not the GPU.**")
-    build = results.get("build", {})
-    if build and not build.get("reused"):
-        lines.append(f"- model build: {_fmt(build.get('params', 0) / 1e9, '.2f')} B parameters, built on the GPU in "
-                     f"{build.get('build_s')} s, saved ({_fmt(build.get('bytes', 0) / 1e9, '.1f')} GB safetensors) in {build.get('save_s')} s")
-
-    def mfu(entry: dict) -> float | None:
-        if not entry.get("tokens_per_s") or not peak:
-            return None
-        return entry["tokens_per_s"] * entry["flops_per_token"] / (peak * 1e12)
-
-    lines += ["", "## Training (4-bit NF4 base, LoRA r 16 on all 7 projections, 8-bit AdamW, bf16)", "",
-              "`run_training` on rows of exactly batch x length tokens; tokens/s over the timed steps that follow the "
-              "warm-up steps (no compilation, start-up or checkpoint inside). MFU: model FLOPs (bench/README.md) over the "
-              "matmul peak above.", "",
-              "| path | checkpointing | batch x length | timed steps | tokens/s | peak GPU memory | MFU | model load |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for key, run in results["train"].items():
-        backend, gc, *layout = key.split(":")
-        gc = {"unsloth": "unsloth (offloaded)" if backend == "unsloth" else "plain", "true": "plain", "false": "none"}[gc]
-        # Results of session 1 had no layout in the key: Unsloth chose (padding-free), or padded by env variable.
-        layout = (layout or ["padded" if run.get("env") else "auto"])[0]
-        if backend == "unsloth":
-            backend += {"padded": ", padded batches", "padding_free": ", padding-free", "default": ", medcot default",
-                        "auto": ", Unsloth's choice (padding-free)"}[layout]
-        for entry in run.get("shapes", []):
-            lines.append(f"| {backend} | {gc} | {entry['batch']}x{entry['seq_len']} | {entry.get('steps', '—')} | "
-                         f"{_fmt(entry.get('tokens_per_s')) if 'error' not in entry else entry['error']} | "
-                         f"{_fmt(entry.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(mfu(entry), '.1%')} | {run.get('load_s', '—')} s |")
-        if run.get("exit") not in (None, 0):
-            lines.append(f"| {backend} | {gc} | (worker exit: {run['exit']}) | | | | | |")
-
-    lines += _chain_lines(results.get("chain") or {})
-    for overrides, chain in (results.get("chain_variants") or {}).items():
-        lines += _chain_lines(chain, f"### The chain again, every job with `{overrides}` (not judged)")
-
-    # Runs since the compile cache (issue 15) record the first step and which cache they started from.
-    steps = any("first_step_s" in e for e in results["reference"].values())
-    # Since session 8: the start-up (before the job's own work) and torch's own count of its compilation.
-    split = any("startup_s" in e for e in results["reference"].values())
-    lines += ["", "## Reference workload (the train job: 500 rows, 60 steps; wall time includes import and load)", ""]
-    if split:
-        lines += ["Start-up = the wall time before the job's own work began (interpreter, `import unsloth`, CUDA, config). "
-                  "Torch compile = Dynamo's and Inductor's own count during training, and the frames compiled (Unsloth "
-                  "compiles its decoder blocks for padded batches only); the first step's remaining extra time is "
-                  "Triton's kernels (cached in the compile cache) and first-use set-up.", ""]
-    lines += ["| micro-batch x accumulation | checkpointing | wall | model load | train | tokens/s | peak GPU memory | final loss |"
-              + (" first step (steady step) | compile cache |" if steps else "") + (" start-up | torch compile |" if split else ""),
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | --- |" if steps else "")
-              + (" ---: | ---: |" if split else "")]
-    for e in results["reference"].values():
-        losses = e.get("losses") or [None]
-        flags = e.get("training") or ({"padding_free": False} if e.get("env") else {})
-        # Since session 9 the entry records what an unset training.padding_free resolved to.
-        unset = "padding_free" not in flags and e.get("padding_free") is not None
-        padded = "".join([", padded batches" if flags.get("padding_free") is False else "",
-                          ", padding-free" if flags.get("padding_free") else "",
-                          f", {'padding-free' if e['padding_free'] else 'padded'} (padding_free unset)" if unset else "",
-                          f", {flags['sampling']} sampling" if flags.get("sampling") else ""])
-        gc = checkpointing_name(e["gc"])
-        if e["gc"] == "auto" and "checkpointing" in e:
-            gc = f"auto: {checkpointing_name(e['checkpointing'])}"
-        profiled = " (under cProfile: diagnosis, not timing)" if "profile" in e else ""
-        profiled += ", imports' heap not frozen (MEDCOT_GC_FREEZE=0)" if e.get("gc_freeze") is False else ""
-        profiled += ", every TRL trainer rewritten (MEDCOT_UNSLOTH_SFT_ONLY=0)" if e.get("unsloth_sft_only") is False else ""
-        lines.append(f"| {e['micro_batch']}x{e['accumulation']}{padded}{profiled} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
-                     f"{_fmt(e.get('model_load_s'), '.1f', ' s')} | {_fmt(e.get('train_s'), '.1f', ' s')} | "
-                     f"{_fmt(e.get('tokens_per_s'))} | {_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(losses[-1], '.4f')} |"
-                     + (f" {_fmt(e.get('first_step_s'), '.1f', ' s')} ({_fmt(e.get('median_step_s'), '.2f', ' s')}) | "
-                        f"{_cache_text(e)} |" if steps else "")
-                     + (f" {_fmt(e.get('startup_s'), '.1f', ' s')} | {_compile_text(e)} |" if split else ""))
-    ref_loss = _loss_agreement(results["reference"])
-    if ref_loss:
-        lines.append(f"\n{ref_loss}")
-
-    adapters = {run.get("adapter") for run in results["eval"].values()}
-    lines += ["", "## Generation (evaluate job's `generate`, greedy, every row generates the full length)", "",
-              "Prompts of 133 to 211 tokens, left-padded; tokens/s = generated tokens / time of the `generate` call, "
-              "after a 16-token warm-up with the same shapes. "
-              + ("With the reference run's trained adapter (unmerged LoRA on the 4-bit paths, merged into the bf16 "
-                 "weights for transformers-16bit-static)." if adapters - {None} else "Base model, no adapter."), "",
-              "| variant | batch | new tokens per row | generated tokens/s | peak GPU memory | model load |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for key, run in results["eval"].items():
-        variant = key.partition(":")[0]
-        if run.get("attention") == GQA_DECODE:
-            variant += " (grouped-query decoding)"
-        for e in run.get("batches", []):
-            lines.append(f"| {variant} | {e['batch']} | {e['new_tokens']} | "
-                         f"{_fmt(e.get('tokens_per_s'), ',.1f') if 'error' not in e else e['error']} | "
-                         f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {run.get('load_s', '—')} s |")
-        if run.get("exit") not in (None, 0):
-            lines.append(f"| {variant} | (worker exit: {run['exit']}) | | | | |")
-
-    lines += _decode_lines(results.get("decode") or {})
-    lines += ["", "## Issue 5's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-    for name, measured, ok in _targets(results, mfu):
-        lines.append(f"| {name} | {measured} | {_verdict(ok)} |")
-    if (results.get("chain") or {}).get("stages"):
-        targets, whole_call = _chain_targets(results)
-        lines += ["", "## Issue 15's targets", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {measured} | {_verdict(ok)} |" for name, measured, ok in targets]
-        if whole_call:
-            lines += ["", "## Beyond issue 15's targets: the evaluate job's whole generate call, its compile included", "",
-                      "The issue's baselines were measured after a warm-up of the same shapes, and it budgets the "
-                      "second evaluate job's compile apart. These rows hold the whole call, compile and early ends "
-                      "included, to the same rate, per compile-cache state.", "",
-                      "| stricter than the target | measured | verdict |", "| --- | --- | --- |"]
-            lines += [f"| {name} | {measured} | {_verdict(ok)} |" for name, measured, ok in whole_call]
-    return "\n".join(lines) + "\n"
+def _targets_table(title: str, verdicts: Verdicts, head: str = "target", intro: str = "") -> list[str]:
+    lines = ["", f"### {title}", "", *([intro, ""] if intro else []), f"| {head} | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {measured} | {_verdict(ok)} |" for name, measured, ok in verdicts]
+    if any(ok is None for _, _, ok in verdicts):
+        lines += ["", "—: no current measurement (the history below has the last one)."]
+    return lines
 
 
-CHAIN_TARGETS = {"chain_wall_s": 300, "eval_tokens_per_s": 8000, "second_eval_compile_s": 5, "reference_wall_s": 90}
+def _latest(parts: list[Part], section: str, keep: Callable[[str, dict], bool] = lambda key, entry: True,
+            identity: Callable[[str, dict], Any] = lambda key, entry: key) -> list[Row]:
+    """The latest measurement of each thing in `section`: a later one of the same identity replaces an earlier one."""
+    rows: dict[Any, Row] = {}
+    for part in parts:
+        for key, entry in (part.data.get(section) or {}).items():
+            if keep(key, entry):
+                rows[identity(key, entry)] = Row(key, entry, part)
+    return list(rows.values())
 
 
-def _chain_lines(chain: dict, title: str = "## The chain (five jobs, each its own process, as `docker compose up` "
-                                          "runs them)") -> list[str]:
-    """The five jobs of the chain, each its own process: wall, start-up, compilation, and what each did."""
-    if not chain.get("stages"):
+def _dated(rows: list[Row]) -> bool:
+    """Whether a table's rows were measured on more than one day (then each row names its date)."""
+    return len({r.part.date for r in rows}) > 1
+
+
+# -- The chain ------------------------------------------------------------------------------------------------------
+
+def _chains(parts: list[Part]) -> tuple[Row | None, list[Row]]:
+    """The latest chain with the recipe's settings, and the latest chain of each set of overrides (shown, not judged)."""
+    recipe: Row | None = None
+    variants: dict[str, Row] = {}
+    for part in parts:
+        # A file that merged two runs of a day (bench.common.merge_results) keeps the chains with overrides apart.
+        for chain in [*(part.data.get("chain_variants") or {}).values(), part.data.get("chain") or {}]:
+            if not chain.get("stages"):
+                continue
+            if chain.get("overrides"):
+                variants[", ".join(chain["overrides"])] = Row(", ".join(chain["overrides"]), chain, part)
+            else:
+                recipe = Row("chain", chain, part)
+    return recipe, list(variants.values())
+
+
+def _chain_section(parts: list[Part], page: _Page) -> list[str]:
+    recipe, variants = _chains(parts)
+    if not recipe and not variants:
         return []
-    lines = ["", title, "",
-             "The recipe's config on the synthetic rows (500 trained, 100 held out), 1,200 new tokens per answer, "
-             "`eval.batch_size: auto`. Start-up = wall time before the stage's own work began (Python, imports, CUDA, "
-             "config). Compile = the train job's first step beyond a steady one, or an evaluate job's prefill and first "
-             "decoding steps beyond steady ones. Compile cache = files in the shared cache when the job started."
-             + (f" Every job ran with {', '.join(f'`{o}`' for o in chain['overrides'])}." if chain.get("overrides") else ""),
-             "",
-             "| stage | wall | start-up | compile | compile cache | what it did |",
+    lines = ["", "## The chain", "",
+             "The five jobs as `docker compose up` runs them, each its own process, on a machine where nothing was "
+             "compiled yet: the recipe's config on synthetic rows (500 trained, 100 held out), 1,200 new tokens per "
+             "answer, `eval.batch_size: auto`. Start-up = wall time before the stage's own work began (Python, imports, "
+             "CUDA, config). Compile = the train job's first step beyond a steady one, or an evaluate job's prefill and "
+             "first decoding steps beyond steady ones. Compile cache = files in the shared cache when the job started."]
+    if recipe:
+        page.headline("The chain", f"{_fmt(recipe.entry.get('wall_s'), '.1f', ' s')} for the five jobs on a new machine",
+                      [recipe])
+        lines += [""] + page.measured([recipe.part], "Rerun: `python3 bench/run.py --sections build,chain "
+                                                     "--chain-without-cache` (the last adds evaluate-after on an empty "
+                                                     "compile cache).")
+        lines += _chain_table(recipe.entry)
+        lines += _targets_table("Targets: the chain", _chain_targets(recipe.entry))
+    for row in variants:
+        lines += ["", f"### The chain with `{row.key}` (not judged)", ""]
+        lines += page.measured([row.part], f"Rerun: `python3 bench/run.py --sections build,chain --chain-overrides "
+                                           f"{row.key} --chain-without-cache`.")
+        lines += _chain_table(row.entry)
+    return lines
+
+
+def _chain_table(chain: dict) -> list[str]:
+    lines = ["", "| stage | wall | start-up | compile | compile cache | what it did |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
 
     def did(stage: str, e: dict) -> str:
@@ -231,109 +314,108 @@ def _chain_lines(chain: dict, title: str = "## The chain (five jobs, each its ow
     return lines
 
 
-def _compile_time(entry: dict, name: str) -> float | None:
-    """One line of torch's compile_times() table ("name, seconds") in a decode worker's result."""
-    for line in (entry.get("compile_times") or "").splitlines():
-        key, _, value = line.partition(",")
-        if key.strip() == name:
-            return float(value)
-    return None
+def _chain_targets(chain: dict) -> Verdicts:
+    t, stages = CHAIN_TARGETS, chain["stages"]
+    wall = chain.get("wall_s")
+    second = stages.get("eval-after", {}).get("compile_s")
+    cold = (chain.get("eval_after_without_cache") or {}).get("compile_s")
+    return [(f"whole chain <= {t['chain_wall_s']} s, downloads excluded", _fmt(wall, '.1f', ' s'),
+             None if wall is None else wall <= t["chain_wall_s"]),
+            (f"a second evaluate job compiles in <= {t['second_eval_compile_s']} s",
+             f"{_fmt(second, '.1f', ' s')} (without the cache: {_fmt(cold, '.1f', ' s')})",
+             None if second is None else second <= t["second_eval_compile_s"])]
 
 
-def _decode_lines(decode: dict) -> list[str]:
-    """The decode section: each worker's compile (torch's own breakdown) and, where it ran every step, the steady
-    decoding step at batch 101 with 1,200-token answers."""
-    if not decode:
+# -- The reference train job ----------------------------------------------------------------------------------------
+
+def _recipe_layout() -> tuple[int, int]:
+    training = yaml.safe_load(RECIPE.read_text())["training"]
+    return training["per_device_train_batch_size"], training["gradient_accumulation_steps"]
+
+
+def _switched_off(e: dict) -> str:
+    """What a reference run changed from the recipe as shipped ("" for none), as its row says it."""
+    flags = e.get("training") or {}
+    changes = []
+    if flags.get("padding_free") is False or (not flags and e.get("padding_free") is False):
+        changes.append("padded batches (`training.padding_free: false`)")
+    if flags.get("sampling"):
+        changes.append(f"`training.sampling: {flags['sampling']}`")
+    if e.get("gc") != "auto":
+        changes.append(f"checkpointing {checkpointing_name(e.get('gc'))}")
+    if e.get("gc_freeze") is False:
+        changes.append("imports' heap not frozen (`MEDCOT_GC_FREEZE=0`)")
+    if e.get("unsloth_sft_only") is False:
+        changes.append("every TRL trainer rewritten (`MEDCOT_UNSLOTH_SFT_ONLY=0`)")
+    return ", ".join(changes)
+
+
+def reference_rows(parts: list[Part]) -> list[Row]:
+    """The train job with the recipe's layout, as shipped and with one of its speed-ups switched off, per compile-cache
+    state; runs under the profiler (diagnosis, not timing) are left out. The recipe as shipped comes first."""
+    layout = _recipe_layout()
+    rows = _latest(parts, "reference",
+                   keep=lambda key, e: (e.get("micro_batch"), e.get("accumulation")) == layout and "profile" not in e,
+                   identity=lambda key, e: (_switched_off(e), e.get("compile_cache")))
+    return sorted(rows, key=lambda r: (_switched_off(r.entry) != "", _switched_off(r.entry),
+                                       r.entry.get("compile_cache") != "shared"))
+
+
+def _reference_section(parts: list[Part], page: _Page) -> list[str]:
+    rows = reference_rows(parts)
+    if not rows:
         return []
-    lines = ["", "## Decoding (the evaluate job's generate at batch 101, 1,200 new tokens; each row a new process)", "",
-             "Compile = the first call's time beyond steady steps (prefill, compilation, CUDA-graph capture); torch's "
-             "own count of it: Dynamo and Inductor together, and Dynamo's tracing of the Python code alone. Steady = "
-             "the median decoding step of the full run. Warm call = the same generate call again in that process, as "
-             "issue 15's baselines were measured (after a warm-up of the same shapes): generated tokens / its time.", "",
-             "| run | decoding-step attention | compile | torch: compile / tracing | steady step | steady tokens/s "
-             "| warm call tokens/s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for label, e in decode.items():
-        full = e.get("full") or e.get("first") or {}
-        # Runs before the kernel was recorded name it in their label ("..., matmul"); earlier ones ran sdpa.
-        named = label.rpartition(", ")[2]
-        kernel = full.get("decode_attention") or e.get("kernel") or (named if named in DECODE_KERNELS else "sdpa")
-        if full.get("decoder"):  # session 7 on: medcot's graph decoder or transformers' generate
-            kernel = f"{full['decoder']}: {kernel}"
-        compile_s = full.get("warmup_s") if full else None
-        if compile_s is None and e.get("first_40_steps_s") is not None:
-            compile_s = e["first_40_steps_s"]
-        step = (e.get("full") or {}).get("step_s")
-        torch_s = (f"{_fmt(_compile_time(e, '_compile.compile_inner'), '.1f', ' s')} / "
-                   f"{_fmt(_compile_time(e, 'bytecode_tracing'), '.1f', ' s')}")
-        lines.append(f"| {label} | {kernel} | {_fmt(compile_s, '.1f', ' s')}"
-                     f"{' (40 steps)' if 'first_40_steps_s' in e else ''} | {torch_s} | "
-                     f"{_fmt(step * 1000 if step else None, '.1f', ' ms')} | {_fmt(101 / step if step else None)} | "
-                     f"{_fmt((e.get('warm') or {}).get('tokens_per_s'))} |")
+    micro, accum = _recipe_layout()
+    dated = _dated(rows)
+    # Runs on an empty cache of their own first, then those that found the shared cache empty, then the rest.
+    variants = [r.entry["variant"] for r in sorted(rows, key=lambda r: (":cold" not in r.entry.get("variant", ""),
+                                                                        r.entry.get("compile_cache") == "shared"))]
+    lines = ["", "## The reference train job", "",
+             f"`jobs/train.py` with the recipe (`{RECIPE.relative_to(ROOT)}`: {micro * accum} rows a step as {accum} "
+             f"micro-batch{'es' if accum > 1 else ''} of {micro}, 60 steps, "
+             "`lora.use_gradient_checkpointing: auto`) on 500 synthetic rows of realistic lengths, timed from start to "
+             "exit: import and model load included. Compile cache: the one an earlier job filled, or empty, as for the "
+             "first job of a new machine. Start-up = the wall time before the job's own work began (interpreter, "
+             "`import unsloth`, CUDA, config). Torch compile = Dynamo's and Inductor's own count during training, and the "
+             "frames compiled; the first step's remaining extra time is Triton's kernels (cached in the compile cache) "
+             "and first-use set-up. Each row but the first switches one of the job's speed-ups off.", ""]
+    lines += page.measured([r.part for r in rows], "Rerun, on a new machine (its first train job finds an empty cache): "
+                           f"`python3 bench/run.py --sections build,reference --reference {','.join(dict.fromkeys(variants))}`.")
+    lines += ["", "| run | compile cache | checkpointing | wall | start-up | model load | first step (steady step) | train "
+              "| tokens/s | peak GPU memory | final loss | torch compile |" + (" date |" if dated else ""),
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if dated else "")]
+    for r in rows:
+        e = r.entry
+        gc = checkpointing_name(e["gc"])
+        if e["gc"] == "auto" and "checkpointing" in e:
+            gc = f"auto: {checkpointing_name(e['checkpointing'])}"
+        lines.append(f"| {_switched_off(e) or 'as shipped'} | {_cache_text(e)} | {gc} | {_fmt(e.get('wall_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('startup_s'), '.1f', ' s')} | {_fmt(e.get('model_load_s'), '.1f', ' s')} | "
+                     f"{_fmt(e.get('first_step_s'), '.1f', ' s')} ({_fmt(e.get('median_step_s'), '.2f', ' s')}) | "
+                     f"{_fmt(e.get('train_s'), '.1f', ' s')} | {_fmt(e.get('tokens_per_s'))} | "
+                     f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt((e.get('losses') or [None])[-1], '.4f')} | "
+                     f"{_compile_text(e)} |" + (f" {r.part.date} |" if dated else ""))
+    shipped = [r for r in rows if not _switched_off(r.entry)]
+    if shipped:
+        page.headline("The reference train job", ", ".join(
+            f"{_fmt(r.entry.get('wall_s'), '.1f', ' s')} with "
+            f"{'the compile cache of an earlier job' if r.entry.get('compile_cache') == 'shared' else 'an empty compile cache'}"
+            for r in shipped), shipped)
+    agreement = loss_agreement(rows)
+    if agreement:
+        lines += ["", agreement]
+    lines += _targets_table("Targets: the train job", _reference_targets(rows))
     return lines
 
 
-def _chain_targets(results: dict) -> tuple[list[tuple[str, str, bool | None]], list[tuple[str, str, bool | None]]]:
-    """Issue 15's targets, and the stricter rows beyond them (the evaluate job's whole generate call)."""
-    t, chain = CHAIN_TARGETS, results["chain"]
-    stages = chain["stages"]
-    out: list[tuple[str, str, bool | None]] = []
-    whole_call: list[tuple[str, str, bool | None]] = []
-    wall = chain.get("wall_s")
-    out.append((f"whole chain <= {t['chain_wall_s']} s, downloads excluded", _fmt(wall, '.1f', ' s'),
-                None if wall is None else wall <= t["chain_wall_s"]))
-    evals = {s: e for s, e in stages.items() if s.startswith("eval")}
-    # Decoding as issue 15's own baselines were measured (the Generation table: the generate call after a warm-up of
-    # the same shapes), by the decode section's second call with the evaluate job's decoder on a GPU ...
-    warm = {label: e["warm"]["tokens_per_s"] for label, e in (results.get("decode") or {}).items()
-            if e.get("warm") and (e.get("full") or {}).get("decoder") == "graph"
-            and e["full"].get("decode_attention") == "triton" and e["full"].get("compiled") is not False}
-    if warm:
-        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch, as the issue's "
-                    "baselines were measured: the generate call after a warm-up of the same shapes (decode section, "
-                    "batch 101)", ", ".join(f"{r:,.0f} ({label})" for label, r in warm.items()),
-                    min(warm.values()) >= t["eval_tokens_per_s"]))
-    # ... and the chain's evaluate jobs' steady step; then the whole generate call, compile and early ends included.
-    steady = {s: e["batch_size"] / e["step_s"] for s, e in evals.items() if e.get("step_s") and e.get("batch_size")}
-    if steady:
-        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: steady decoding",
-                    ", ".join(f"{r:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, r in steady.items()),
-                    min(steady.values()) >= t["eval_tokens_per_s"]))
-        # Since session 9, judged per compile-cache state, as the reference is: the whole call includes the compile.
-        runs = {**evals, "eval-after, empty cache": chain.get("eval_after_without_cache") or {}}
-        for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
-            picked = {s: e for s, e in runs.items() if e.get("tokens_per_s")
-                      and (e.get("compile_cache_files_before", 0) > 0) == (cache == "shared")}
-            whole_call.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch: the "
-                               f"whole generate call (compile, early ends), {label}",
-                               ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})"
-                                         for s, e in picked.items()) or "—",
-                               None if not picked else min(e["tokens_per_s"] for e in picked.values())
-                               >= t["eval_tokens_per_s"]))
-    else:  # chains before session 7 recorded the whole call only
-        rates = {s: e.get("tokens_per_s") for s, e in evals.items() if e.get("tokens_per_s")}
-        out.append((f"evaluation >= {t['eval_tokens_per_s']:,} generated tokens/s at the auto batch",
-                    ", ".join(f"{r:,.0f} ({s}, batch {stages[s].get('batch_size')})" for s, r in rates.items()) or "—",
-                    None if not rates else min(rates.values()) >= t["eval_tokens_per_s"]))
-    second = stages.get("eval-after", {}).get("compile_s")
-    cold = (chain.get("eval_after_without_cache") or {}).get("compile_s")
-    out.append((f"a second evaluate job compiles in <= {t['second_eval_compile_s']} s",
-                f"{_fmt(second, '.1f', ' s')} (without the cache: {_fmt(cold, '.1f', ' s')})",
-                None if second is None else second <= t["second_eval_compile_s"]))
-    # Judged apart: with the compile cache an earlier train job filled (as the issue's 106.4 s baseline ran, with
-    # Triton's cache of the machine), and with an empty one (the first train job on a new machine).
-    for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
-        walls = {k: e["wall_s"] for k, e in results["reference"].items()
-                 if e.get("exit_code") == 0 and e.get("compile_cache") == cache and "profile" not in e}
-        out.append((f"reference <= {t['reference_wall_s']} s, {label}", ", ".join(f"{w:.1f} s ({k})" for k, w in walls.items()) or "—",
-                    None if not walls else min(walls.values()) <= t["reference_wall_s"]))
-    return out, whole_call
+def _row_name(r: Row) -> str:
+    return f"{_switched_off(r.entry) or 'as shipped'}, {_cache_text(r.entry)}"
 
 
 def _cache_text(entry: dict) -> str:
-    files = entry.get("compile_cache_files_before")  # counted since session 9
-    if entry.get("compile_cache") == "shared" and files:
-        return f"shared ({files} files)"
+    files = entry.get("compile_cache_files_before")
+    if entry.get("compile_cache") == "shared":
+        return f"an earlier job's ({files} files)" if files else "an earlier job's"
     return entry.get("compile_cache", "—")
 
 
@@ -344,67 +426,178 @@ def _compile_text(entry: dict) -> str:
     return f"{seconds:.1f} s ({frames} frame{'' if frames == 1 else 's'})"
 
 
-def _loss_agreement(reference: dict) -> str | None:
-    # Only runs that draw the same rows in the same order compare step by step (not other sampling strategies).
-    runs = [(k, e["losses"]) for k, e in reference.items()
-            if e.get("losses") and not (e.get("training") or {}).get("sampling") and "profile" not in e]
+def loss_agreement(rows: list[Row]) -> str | None:
+    """How far the loss curves of runs that train the same rows in the same order lie from the first one's."""
+    runs = [r for r in rows if r.entry.get("losses") and not (r.entry.get("training") or {}).get("sampling")]
     if len(runs) < 2:
         return None
-    (k0, base), parts = runs[0], []
-    for key, losses in runs[1:]:
-        n = min(len(base), len(losses))
-        worst = max(abs(a - b) for a, b in zip(base[:n], losses[:n], strict=True))
-        parts.append(f"{key} vs {k0}: largest per-step loss difference {worst:.4f} over {n} steps")
-    return "Same rows in the same order, same global batch: " + "; ".join(parts) + "."
+    base, parts = runs[0], []
+    for r in runs[1:]:
+        n = min(len(base.entry["losses"]), len(r.entry["losses"]))
+        worst = max(abs(a - b) for a, b in zip(base.entry["losses"][:n], r.entry["losses"][:n], strict=True))
+        parts.append(f"{worst:.4f} ({_row_name(r)})")
+    return (f"Loss curves (the same rows in the same order, the same global batch): the largest per-step difference "
+            f"from the first row's over {len(base.entry['losses'])} steps: " + "; ".join(parts) + ".")
 
 
-def _targets(results: dict, mfu) -> list[tuple[str, str, bool | None]]:
-    t = TARGETS
-    # The fastest Unsloth run at 2x2048 that keeps the memory target (the recipe must fit a 12 GB card).
-    unsloth_runs = {k: _shape(results, k, 2, 2048) for k in results["train"] if k.startswith("unsloth")}
-    fitting = {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s") and e.get("peak_memory_gib", 99) <= t["unsloth_2x2048_peak_gib"]}
-    pool = fitting or {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s")}
-    best_key = max(pool, key=lambda k: pool[k]["tokens_per_s"]) if pool else None
-    uns = pool.get(best_key, {}) if best_key else {}
-    base = next((_shape(results, k, 2, 2048) for k in results["train"] if k.startswith("transformers")), {})
-    label = f" ({best_key})" if best_key else ""
-    out: list[tuple[str, str, bool | None]] = []
-    tps = uns.get("tokens_per_s")
-    out.append((f"train, Unsloth 2x2048 >= {t['unsloth_2x2048_tokens_per_s']:,} tokens/s", _fmt(tps) + label,
-                None if tps is None else tps >= t["unsloth_2x2048_tokens_per_s"]))
-    ratio = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
-    out.append((f"train, Unsloth >= {t['unsloth_vs_transformers_2x2048']}x transformers at 2x2048", _fmt(ratio, '.2f', 'x'),
-                None if ratio is None else ratio >= t["unsloth_vs_transformers_2x2048"]))
-    mem = uns.get("peak_memory_gib")
-    out.append((f"train, Unsloth 2x2048 peak <= {t['unsloth_2x2048_peak_gib']:.0f} GiB", _fmt(mem, '.1f', ' GiB') + label,
-                None if mem is None else mem <= t["unsloth_2x2048_peak_gib"]))
-    mfus = {k: mfu(_shape(results, k, 8, 2048)) for k in results["train"] if k.startswith("unsloth")}
-    mfus = {k: m for k, m in mfus.items() if m is not None}
-    if mfus:
-        best = max(mfus, key=mfus.get)
-        shown = ", ".join(f"{m:.1%} ({k})" for k, m in mfus.items())
-        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", shown, mfus[best] >= t["mfu_8x2048"]))
-    else:
-        out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", "—", None))
-    walls = {k: e["wall_s"] for k, e in results["reference"].items() if e.get("exit_code") == 0 and "profile" not in e}
-    if walls:
-        shown = ", ".join(f"{w:.0f} s ({k})" for k, w in walls.items())
-        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", shown, min(walls.values()) <= t["reference_wall_s"]))
-    else:
-        out.append((f"reference workload <= {t['reference_wall_s']} s wall incl. load", "—", None))
+def _reference_targets(rows: list[Row]) -> Verdicts:
+    """The recipe as shipped, judged per compile-cache state: with the cache an earlier job filled, and with an empty
+    one (the first train job of a new machine)."""
+    t, out = CHAIN_TARGETS, []
+    for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
+        walls = [r.entry["wall_s"] for r in rows if not _switched_off(r.entry) and r.entry.get("exit_code") == 0
+                 and r.entry.get("compile_cache") == cache]
+        out.append((f"the train job, the recipe as shipped, <= {t['reference_wall_s']} s, {label}",
+                    ", ".join(f"{w:.1f} s" for w in walls) or "—",
+                    None if not walls else min(walls) <= t["reference_wall_s"]))
+    return out
+
+
+# -- Decoding and generation ----------------------------------------------------------------------------------------
+
+def _compile_time(entry: dict, name: str) -> float | None:
+    """One line of torch's compile_times() table ("name, seconds") in a decode worker's result."""
+    for line in (entry.get("compile_times") or "").splitlines():
+        key, _, value = line.partition(",")
+        if key.strip() == name:
+            return float(value)
+    return None
+
+
+def _decoding_section(parts: list[Part], page: _Page) -> list[str]:
+    """The decode section: each worker's compile (torch's own breakdown), the steady decoding step at batch 101 with
+    1,200-token answers, and the same generate call again in that process."""
+    rows = _latest(parts, "decode")
+    recipe, _ = _chains(parts)
+    if not rows:
+        return []
+    dated = _dated(rows)
+    lines = ["", "## Decoding at batch 101", "",
+             "The evaluate job's `generate` on the merged 16-bit weights, 101 rows of 1,200 new tokens, each row of the "
+             "table a new process. Compile = the first call's time beyond steady steps (prefill, compilation, CUDA-graph "
+             "capture); torch's own count of it: Dynamo and Inductor together, and Dynamo's tracing of the Python code "
+             "alone. Steady = the median decoding step of the full run. Warm call = the same generate call again in that "
+             "process, after a warm-up of the same shapes: generated tokens / its time.", ""]
+    lines += page.measured([r.part for r in rows], "Rerun: `python3 bench/run.py --sections build,decode "
+                           "--decode-kernels graph:triton,graph:efficient,graph:triton:eager` (each run on an empty cache "
+                           "of its own; the first is then run again from its cache: put `graph:triton:eager` first for "
+                           "that row of the uncompiled layer).")
+    lines += ["", "| run | decoding-step attention | compile | torch: compile / tracing | steady step | steady tokens/s "
+              "| warm call tokens/s |" + (" date |" if dated else ""),
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if dated else "")]
+    for r in rows:
+        e = r.entry
+        full = e.get("full") or e.get("first") or {}
+        # Runs before the kernel was recorded name it in their label ("..., matmul"); earlier ones ran sdpa.
+        named = r.key.rpartition(", ")[2]
+        kernel = full.get("decode_attention") or e.get("kernel") or (named if named in DECODE_KERNELS else "sdpa")
+        if full.get("decoder"):  # medcot's graph decoder or transformers' generate
+            kernel = f"{full['decoder']}: {kernel}"
+        compile_s = full.get("warmup_s") if full else None
+        if compile_s is None and e.get("first_40_steps_s") is not None:
+            compile_s = e["first_40_steps_s"]
+        step = (e.get("full") or {}).get("step_s")
+        torch_s = (f"{_fmt(_compile_time(e, '_compile.compile_inner'), '.1f', ' s')} / "
+                   f"{_fmt(_compile_time(e, 'bytecode_tracing'), '.1f', ' s')}")
+        lines.append(f"| {r.key} | {kernel} | {_fmt(compile_s, '.1f', ' s')}"
+                     f"{' (40 steps)' if 'first_40_steps_s' in e else ''} | {torch_s} | "
+                     f"{_fmt(step * 1000 if step else None, '.1f', ' ms')} | {_fmt(101 / step if step else None)} | "
+                     f"{_fmt((e.get('warm') or {}).get('tokens_per_s'))} |" + (f" {r.part.date} |" if dated else ""))
+    warm = [r for r in rows if (r.entry.get("warm") or {}).get("tokens_per_s")]
+    if warm:
+        best = max(warm, key=lambda r: r.entry["warm"]["tokens_per_s"])
+        page.headline("Decoding at batch 101", f"{_fmt(best.entry['warm']['tokens_per_s'])} generated tokens/s, the "
+                      "evaluate job's generate call after a warm-up", [best])
+    targets, whole_call = _evaluation_targets(rows, recipe.entry if recipe else None)
+    lines += _targets_table("Targets: the evaluate job's generation", targets)
+    if whole_call:
+        lines += _targets_table("Stricter: the whole generate call, its compile included", whole_call,
+                                head="stricter than the target",
+                                intro="The targets count the generate call after a warm-up of the same shapes, and "
+                                      "budget the second evaluate job's compile on a line of their own. Here the "
+                                      "chain's evaluate jobs are held to the same rate for the whole call, compile and "
+                                      "the rows that end early included, per compile-cache state.")
+    return lines
+
+
+def _evaluation_targets(rows: list[Row], chain: dict | None) -> tuple[Verdicts, Verdicts]:
+    """>= 8,000 generated tokens/s: the warm generate call of medcot's graph decoder, and the chain's evaluate jobs'
+    steady step; then, apart, their whole generate call per compile-cache state."""
+    t = CHAIN_TARGETS["eval_tokens_per_s"]
+    out: Verdicts = []
+    whole_call: Verdicts = []
+    warm = {r.key: r.entry["warm"]["tokens_per_s"] for r in rows
+            if r.entry.get("warm") and (r.entry.get("full") or {}).get("decoder") == "graph"
+            and r.entry["full"].get("decode_attention") == "triton" and r.entry["full"].get("compiled") is not False}
+    if warm:
+        out.append((f"evaluation >= {t:,} generated tokens/s at the auto batch: the generate call after a warm-up of "
+                    "the same shapes (batch 101)", ", ".join(f"{rate:,.0f} ({label})" for label, rate in warm.items()),
+                    min(warm.values()) >= t))
+    if not chain:
+        return out, whole_call
+    evals = {s: e for s, e in chain["stages"].items() if s.startswith("eval")}
+    steady = {s: e["batch_size"] / e["step_s"] for s, e in evals.items() if e.get("step_s") and e.get("batch_size")}
+    if steady:
+        out.append((f"evaluation >= {t:,} generated tokens/s at the auto batch: steady decoding (the chain)",
+                    ", ".join(f"{rate:,.0f} ({s}, batch {evals[s]['batch_size']})" for s, rate in steady.items()),
+                    min(steady.values()) >= t))
+    runs = {**evals, "eval-after, empty cache": chain.get("eval_after_without_cache") or {}}
+    for cache, label in (("shared", "the compile cache of an earlier job"), ("empty", "an empty compile cache")):
+        picked = {s: e for s, e in runs.items() if e.get("tokens_per_s")
+                  and (e.get("compile_cache_files_before", 0) > 0) == (cache == "shared")}
+        whole_call.append((f"evaluation >= {t:,} generated tokens/s at the auto batch: the whole generate call "
+                           f"(compile, early ends), {label}",
+                           ", ".join(f"{e['tokens_per_s']:,.0f} ({s}, batch {e.get('batch_size')})" for s, e in picked.items())
+                           or "—", None if not picked else min(e["tokens_per_s"] for e in picked.values()) >= t))
+    return out, whole_call
+
+
+def _generation_section(parts: list[Part], page: _Page) -> list[str]:
+    rows = _latest(parts, "eval")
+    if not rows:
+        return []
+    adapters = {r.entry.get("adapter") for r in rows}
+    lines = ["", "## Generation at batch 1, 8 and 32", "",
+             "The evaluate job's `generate` (`medcot.evaluate.generate` on `medcot.modeling.load_with_adapter`), greedy, "
+             "every row generating the full length; prompts of 133 to 211 tokens, left-padded; tokens/s = generated "
+             "tokens / time of the `generate` call, after a 16-token warm-up with the same shapes. "
+             + ("With the reference run's trained adapter (unmerged LoRA on the 4-bit paths, merged into the bf16 "
+                "weights for transformers-16bit-static)." if adapters - {None} else "Base model, no adapter."), ""]
+    lines += page.measured([r.part for r in rows], "Rerun (the reference run first, for a trained adapter): "
+                           "`python3 bench/run.py --sections build,reference,eval --reference 8x1:auto --eval "
+                           f"{','.join(r.key for r in rows)}`.")
+    lines += ["", "| variant | batch | new tokens per row | generated tokens/s | peak GPU memory | model load |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        variant = r.key.partition(":")[0]
+        if r.entry.get("attention") == GQA_DECODE:
+            variant += " (grouped-query decoding)"
+        for e in r.entry.get("batches", []):
+            lines.append(f"| {variant} | {e['batch']} | {e['new_tokens']} | "
+                         f"{_fmt(e.get('tokens_per_s'), ',.1f') if 'error' not in e else e['error']} | "
+                         f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {r.entry.get('load_s', '—')} s |")
+        if r.entry.get("exit") not in (None, 0):
+            lines.append(f"| {variant} | (worker exit: {r.entry['exit']}) | | | | |")
+    page.headline("Generation at batch 1, 8 and 32", ", ".join(
+        f"{_fmt(e.get('tokens_per_s'), ',.0f')} tokens/s at batch {e['batch']}" for e in rows[0].entry.get("batches", []))
+        + f" ({rows[0].key.partition(':')[0]})", rows[:1])
+    lines += _targets_table("Targets: generation", generation_targets(rows))
+    return lines
+
+
+def generation_targets(rows: list[Row]) -> Verdicts:
+    t, runs = GENERATION_TARGETS, {r.key: r.entry for r in rows}
 
     def rate(key: str, batch: int) -> float | None:
-        for e in results["eval"].get(key, {}).get("batches", []):
-            if e["batch"] == batch:
-                return e.get("tokens_per_s")
-        return None
+        return next((e.get("tokens_per_s") for e in runs[key].get("batches", []) if e["batch"] == batch), None)
 
     def tokens(key: str) -> int | None:
-        return next((e.get("new_tokens") for e in results["eval"][key].get("batches", [])), None)
+        return next((e.get("new_tokens") for e in runs[key].get("batches", [])), None)
 
     # Keys are VARIANT:NEW_TOKENS. The verdict counts answers of the evaluate job's length (1,200 new tokens)
     # where such a run exists; shorter runs are listed beside it.
-    fast = [k for k in results["eval"] if not k.startswith("transformers-4bit")]
+    out: Verdicts = []
+    fast = [k for k in runs if not k.startswith("transformers-4bit")]
     judged = [k for k in fast if tokens(k) == 1200] or fast
     for batch, key in ((32, "eval_b32_tokens_per_s"), (1, "eval_b1_tokens_per_s")):
         rates = {k: rate(k, batch) for k in fast if rate(k, batch)}
@@ -414,11 +607,152 @@ def _targets(results: dict, mfu) -> list[tuple[str, str, bool | None]]:
                     None if not scored else max(scored.values()) >= t[key]))
     ratios = []
     for batch in (1, 8, 32):
-        baseline = next((rate(k, batch) for k in results["eval"] if k.startswith("transformers-4bit") and rate(k, batch)), None)
+        baseline = next((rate(k, batch) for k in runs if k.startswith("transformers-4bit") and rate(k, batch)), None)
         rates = [rate(k, batch) for k in judged if rate(k, batch)]
         if baseline and rates:
             ratios.append((batch, max(rates) / baseline))
     out.append((f"eval, best >= {t['eval_vs_transformers_4bit']:.0f}x transformers 4-bit at each batch",
                 ", ".join(f"{r:.1f}x (batch {b})" for b, r in ratios) or "—",
                 None if not ratios else min(r for _, r in ratios) >= t["eval_vs_transformers_4bit"]))
+    return out
+
+
+# -- Training throughput --------------------------------------------------------------------------------------------
+
+def _training_section(parts: list[Part], page: _Page) -> list[str]:
+    rows = _latest(parts, "train")
+    if not rows:
+        return []
+    peak_part = next((p for p in reversed(parts) if (p.data.get("peak") or {}).get("matmul_bf16_tflops")
+                      and p.meta.get("gpu") == rows[-1].part.meta.get("gpu")), None)
+    peak = peak_part.data["peak"]["matmul_bf16_tflops"] if peak_part else None
+    shapes = {r.key: "+".join(f"{s['batch']}x{s['seq_len']}" for s in r.entry.get("shapes", [])) for r in rows}
+    runs = ",".join(f"{key}@{shape}" for key, shape in shapes.items())
+    lines = ["", "## Training throughput", "",
+             "4-bit NF4 base, LoRA r 16 on all 7 projections, 8-bit AdamW, bf16: `run_training` on rows of exactly batch x "
+             "length tokens; tokens/s over the timed steps that follow the warm-up steps (no compilation, start-up or "
+             "checkpoint inside). MFU: model FLOPs (bench/README.md) over the GPU's bf16 matmul peak.", ""]
+    lines += page.measured([r.part for r in rows] + ([peak_part] if peak_part else []),
+                           f"bf16 matmul peak (8192^3, median): {_fmt(peak, ',.0f', ' TFLOP/s')}. Rerun: "
+                           f"`python3 bench/run.py --sections peak,build,train --train-runs {runs}`.")
+    lines += ["", "| path | checkpointing | batch x length | timed steps | tokens/s | peak GPU memory | MFU | model load |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def mfu(entry: dict) -> float | None:
+        if not entry.get("tokens_per_s") or not peak:
+            return None
+        return entry["tokens_per_s"] * entry["flops_per_token"] / (peak * 1e12)
+
+    for r in rows:
+        backend, gc, *layout = r.key.split(":")
+        gc = {"unsloth": "unsloth (offloaded)" if backend == "unsloth" else "plain", "true": "plain", "false": "none"}[gc]
+        # The first results had no layout in the key: Unsloth chose (padding-free), or padded by an environment variable.
+        layout = (layout or ["padded" if r.entry.get("env") else "auto"])[0]
+        if backend == "unsloth":
+            backend += {"padded": ", padded batches", "padding_free": ", padding-free", "default": ", medcot default",
+                        "auto": ", Unsloth's choice (padding-free)"}[layout]
+        for e in r.entry.get("shapes", []):
+            lines.append(f"| {backend} | {gc} | {e['batch']}x{e['seq_len']} | {e.get('steps', '—')} | "
+                         f"{_fmt(e.get('tokens_per_s')) if 'error' not in e else e['error']} | "
+                         f"{_fmt(e.get('peak_memory_gib'), '.1f', ' GiB')} | {_fmt(mfu(e), '.1%')} | {r.entry.get('load_s', '—')} s |")
+        if r.entry.get("exit") not in (None, 0):
+            lines.append(f"| {backend} | {gc} | (worker exit: {r.entry['exit']}) | | | | | |")
+    page.headline("Training throughput", "; ".join(
+        f"{_fmt(e.get('tokens_per_s'))} tokens/s at {e['batch']}x{e['seq_len']} "
+        + {"unsloth": "with Unsloth's offloaded checkpointing", "true": "with plain checkpointing",
+           "false": "without checkpointing"}[r.key.split(":")[1]]
+        for r in rows for e in r.entry.get("shapes", [])[:1]), rows)
+    lines += _targets_table("Targets: training throughput", training_targets(rows, mfu))
+    return lines
+
+
+def training_targets(rows: list[Row], mfu: Callable[[dict], float | None]) -> Verdicts:
+    t, runs = TRAIN_TARGETS, {r.key: r.entry for r in rows}
+
+    def shape(key: str, batch: int, seq: int) -> dict:
+        return next((e for e in runs[key].get("shapes", []) if e["batch"] == batch and e["seq_len"] == seq), {})
+
+    # The fastest Unsloth run at 2x2048 that keeps the memory target (the recipe must fit a 12 GB card).
+    unsloth_runs = {k: shape(k, 2, 2048) for k in runs if k.startswith("unsloth")}
+    fitting = {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s") and e.get("peak_memory_gib", 99) <= t["unsloth_2x2048_peak_gib"]}
+    pool = fitting or {k: e for k, e in unsloth_runs.items() if e.get("tokens_per_s")}
+    best_key = max(pool, key=lambda k: pool[k]["tokens_per_s"]) if pool else None
+    uns = pool.get(best_key, {}) if best_key else {}
+    base = next((shape(k, 2, 2048) for k in runs if k.startswith("transformers")), {})
+    label = f" ({best_key})" if best_key else ""
+    out: Verdicts = []
+    tps = uns.get("tokens_per_s")
+    out.append((f"train, Unsloth 2x2048 >= {t['unsloth_2x2048_tokens_per_s']:,} tokens/s", _fmt(tps) + label,
+                None if tps is None else tps >= t["unsloth_2x2048_tokens_per_s"]))
+    ratio = tps / base["tokens_per_s"] if tps and base.get("tokens_per_s") else None
+    out.append((f"train, Unsloth >= {t['unsloth_vs_transformers_2x2048']}x transformers at 2x2048", _fmt(ratio, '.2f', 'x'),
+                None if ratio is None else ratio >= t["unsloth_vs_transformers_2x2048"]))
+    mem = uns.get("peak_memory_gib")
+    out.append((f"train, Unsloth 2x2048 peak <= {t['unsloth_2x2048_peak_gib']:.0f} GiB", _fmt(mem, '.1f', ' GiB') + label,
+                None if mem is None else mem <= t["unsloth_2x2048_peak_gib"]))
+    mfus = {k: mfu(shape(k, 8, 2048)) for k in runs if k.startswith("unsloth")}
+    mfus = {k: m for k, m in mfus.items() if m is not None}
+    out.append((f"train, 8x2048 >= {t['mfu_8x2048']:.0%} MFU", ", ".join(f"{m:.1%} ({k})" for k, m in mfus.items()) or "—",
+                max(mfus.values()) >= t["mfu_8x2048"] if mfus else None))
+    return out
+
+
+# -- The CPU demo ---------------------------------------------------------------------------------------------------
+
+def _demo_section(parts: list[Part], page: _Page) -> list[str]:
+    if not parts:
+        return []
+    page.cited.add(parts[-1].name)
+    result = parts[-1].data
+    page.headline("The CPU demo", f"`make demo` {result['jobs_s']} s" + (f", `make setup` {result['setup_s']} s"
+                  if result.get("setup_s") else "") + f" ({result['machine']})", parts[-1:])
+    return ["", *render_demo(parts[-1].data, parts[-1].name).rstrip("\n").split("\n")]
+
+
+def render_demo(result: dict[str, Any], name: str) -> str:
+    """The CPU demo's section (bench/demo.py's results): the time of each job and the report's key numbers."""
+    source = f"a clean clone of {result['commit']}" if result.get("setup_s") else f"a checkout at {result['commit']}"
+    lines = ["## The CPU demo", "",
+             "`make demo` on a CPU, timed job by job, and the numbers its report shows.", "",
+             f"- Measured {result['date']} on {result['machine']}: torch {result['torch']}, {result['dtype']}; {source}. "
+             f"Results: `{name}`.",
+             "- Rerun: `python3 bench/demo.py --clean-clone` (a clone of HEAD, `make setup` without caches, then the "
+             "demo's jobs).", "", "| step | wall |", "| --- | ---: |"]
+    if result.get("setup_s") is not None:
+        lines.append(f"| make setup (venv, CPU torch, uv install, embedded model converted; no caches) | {result['setup_s']} s |")
+    for job in result["jobs"]:
+        failed = "" if job["exit"] == 0 else f" (exit {job['exit']})"
+        lines.append(f"| {job['job']} | {job['wall_s']} s{failed} |")
+    lines.append(f"| **the demo's jobs** | **{result['jobs_s']} s** |")
+    lines += _targets_table("Targets: the CPU demo", demo_verdicts(result))
+    rouge = (result.get("report") or {}).get("rouge_l")
+    if rouge:
+        lines += ["", f"ROUGE-L against the reference answers: paired difference {rouge['mean_difference']:+.3f} "
+                      f"[{rouge['ci'][0]:+.3f}, {rouge['ci'][1]:+.3f}] over {rouge['n']} held-out questions."]
+    return "\n".join(lines) + "\n"
+
+
+def demo_verdicts(result: dict[str, Any]) -> Verdicts:
+    t, r = DEMO_TARGETS, result.get("report") or {}
+    out: Verdicts = []
+    setup = result.get("setup_s")
+    out.append((f"setup <= {t['setup_s']} s (clean clone, no caches)", f"{setup} s" if setup else "not timed (--clean-clone)",
+                None if setup is None else setup <= t["setup_s"]))
+    out.append((f"the demo's jobs <= {t['jobs_s']} s", f"{result['jobs_s']} s", result["jobs_s"] <= t["jobs_s"]))
+    for name in ("format", "think closed"):
+        s = r.get(name)
+        if s:
+            ok = s["after"] > s["before"] and s["p_value"] is not None and s["p_value"] < t["p_value"] and r["questions"] >= t["questions"]
+            out.append((f"{name} rate rises, McNemar p < {t['p_value']} on >= {t['questions']} questions",
+                        f"{s['before']:.2f} -> {s['after']:.2f}, {s['improved']} improved / {s['worsened']} worsened, "
+                        f"p = {s['p_value']:.3g}, {r['questions']} questions", ok))
+    loss = r.get("heldout_loss")
+    if loss:
+        b, a = loss["before_ci"], loss["after_ci"]
+        out.append(("held-out loss intervals do not overlap",
+                    f"{loss['before']:.3f} [{b[0]:.3f}, {b[1]:.3f}] -> {loss['after']:.3f} [{a[0]:.3f}, {a[1]:.3f}]",
+                    a[1] < b[0]))
+    for name, m in (r.get("mcq") or {}).items():
+        out.append((f"most multiple-choice answers parse ({name})", f"{m['parsed']}/{m['n']} parse, {m['correct']} correct "
+                    f"(before: {r['mcq_before'][name]['parsed']}/{m['n']} parse)", m["parsed"] > m["n"] / 2))
     return out

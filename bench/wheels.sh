@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Wheels that make an offline GPU machine run the image's pins (docker/requirements.lock): every locked package
 # that the machine lacks or has at another version, per its `pip list --format=freeze` (FREEZE).
-#     bash bench/wheels.sh FREEZE [DIR]        # DIR defaults to .whl; then carry DIR with the device call
-# The device tool carries at most 64 MiB, so some packages stay the machine's own, and the run names them:
+#     bash bench/wheels.sh FREEZE [DIR]        # DIR defaults to .whl; then copy DIR to the machine with the checkout
+# For a machine that you reach only by copying files to it, 64 MiB at a time: some packages stay the machine's own,
+# and the run names them:
 #   - torch, triton, torchvision and the CUDA libraries (cuda-*, nvidia-*): GBs; the lock holds the machine's own
 #     torch 2.11.0 for this reason (docker/constraints.txt);
 #   - LEAVE_OUT below: data-frame, image, plotting and download libraries, not on the path that is timed, and two

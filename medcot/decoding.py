@@ -2,7 +2,7 @@
 
 transformers' `generate` with a static cache (eval.decoder transformers) compiles the whole model's decoding step
 (36-42 s on an H200 for the 8B model, 6 s again in every later process even with the compile cache), reads the whole
-cache at every step, and waits for the GPU after every step (end-of-answer checks, the streamer): session 6 measured
+cache at every step, and waits for the GPU after every step (end-of-answer checks, the streamer): on an H200 (2026-12-02), that was
 3-4 ms of every 21 ms step with the GPU idle. This decoder, for Llama-architecture models:
 
 - runs the prompt through the model's own forward (prefill), the attention writing each layer's keys and values into

@@ -247,7 +247,7 @@ def _batch_layout(config: RunConfig, runtime: Runtime, model_type: str | None = 
     Unsloth's own choice for the others, and padded (TRL's default) on the transformers path. With the reference
     rows (a log-normal spread of lengths, mean 1,000 tokens) padding-free won on an H200 at 8 rows a micro-batch,
     0.64 s a step against 0.78 s padded, although only padded batches let Unsloth compile its decoder blocks
-    (BENCHMARKS.md, session 8); at rows of one length, where it saves nothing, it was 3-8% slower (H100)."""
+    (BENCHMARKS.md, 2026-12-02); at rows of one length, where it saves nothing, it was 3-8% slower (H100)."""
     if config.training.padding_free is not None:
         return {"padding_free": config.training.padding_free}
     if runtime.backend != "unsloth":

@@ -1,4 +1,5 @@
-"""The GPU benchmark's own arithmetic and verdicts, checked on CPU against the committed H100 results."""
+"""The GPU benchmark's own arithmetic, verdicts and report (BENCHMARKS.md), checked on CPU against the committed
+results."""
 
 import json
 import sys
@@ -13,7 +14,17 @@ sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an i
 from bench.common import merge_results  # noqa: E402
 from bench.model import R1_DISTILL_LLAMA_8B, frozen_matmul_params, train_flops_per_token  # noqa: E402
 from bench.reference import _parse_ref_variant, profile_text  # noqa: E402
-from bench.render import _loss_agreement, render  # noqa: E402
+from bench.render import (  # noqa: E402
+    Part,
+    Row,
+    demo_verdicts,
+    load_parts,
+    loss_agreement,
+    reference_rows,
+    render,
+    render_demo,
+    write_benchmarks_md,
+)
 
 
 def test_frozen_matmul_weights_are_llama_8b_without_embeddings_and_norms():
@@ -40,221 +51,123 @@ def test_reference_variants_map_to_config_keys(variant, expected):
     assert _parse_ref_variant(variant) == expected
 
 
-def committed(*names: str) -> dict:
-    return merge_results([json.loads((RESULTS / name).read_text()) for name in names])
+def parts(*names: str) -> list[Part]:
+    return load_parts(RESULTS / name for name in names)
 
 
-SESSION3 = ("2026-11-26-h100-80gb-hbm3-machine1.json", "2026-11-26-h100-80gb-hbm3-machine2.json",
-            "2026-11-26-h100-80gb-hbm3-machine3.json")
+def section(page: str, heading: str) -> str:
+    """One `## ` section of a rendered page, its `### ` subsections included."""
+    return page.partition(f"\n## {heading}\n")[2].partition("\n## ")[0]
 
 
-def test_committed_h100_results_render_the_verdicts_in_benchmarks_md():
-    table = render(committed(*SESSION3))
-    # The fastest Unsloth run at 2x2048 within the 8 GiB target; the ratio to transformers both with checkpointing.
-    assert "| train, Unsloth 2x2048 >= 9,500 tokens/s | 9,651 (unsloth:true:padded) | **pass** |" in table
-    assert "| train, Unsloth >= 3.5x transformers at 2x2048 | 2.07x | **miss** |" in table
-    assert "62.4% (unsloth:false:padded)" in table and "| train, 8x2048 >= 50% MFU |" in table
-    assert "106 s (2x4:auto)" in table and "| 2x4 | auto: none | 106.4 s |" in table
-    assert "2,782 (transformers-16bit-static, 1200 new tokens)" in table
-    assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 2,782.5 |" in table
-    assert "| transformers-16bit-static-sdpa | 32 | 1200 | 1,157.1 |" in table
-    assert "| eval, best >= 3x transformers 4-bit at each batch | 6.9x (batch 1), 9.4x (batch 8), 7.8x (batch 32) | **pass** |" in table
+CURRENT = sorted(RESULTS.glob("*.json"))
+# The H100 machines of 2026-11-26, the only measurements of the transformers path and of 8x2048.
+H100 = ("history/2026-11-26-h100-80gb-hbm3-default.json", "history/2026-11-26-h100-80gb-hbm3-levers.json",
+        "history/2026-11-26-h100-80gb-hbm3-reference.json")
 
 
-SESSION4 = ("2026-12-01-h200-locked.json", "2026-12-01-h200-locked-train-a.json")
+def test_benchmarks_md_is_the_rendering_of_the_committed_results_above_its_notes():
+    page = render(load_parts(CURRENT))
+    assert (ROOT / "BENCHMARKS.md").read_text().startswith(page + "\n## Notes\n")
 
 
-def test_committed_h200_results_with_the_lock_are_benchmarks_md_and_name_every_difference_from_the_lock():
-    table = render(committed(*SESSION4))
-    assert "| 2x4 | auto: none | 139.8 s |" in table and "| unsloth, padded batches | none | 2x2048 | 4 | 13,905 |" in table
-    assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table
-    differences = next(line for line in table.splitlines() if line.startswith("- installed versus the image's lock"))
-    assert "numpy 2.5.2 (lock 2.5.5)" in differences and "diffusers missing (lock 0.42.1)" in differences
-    assert "torch" not in differences and "peft" not in differences and "unsloth" not in differences
+def test_every_committed_results_file_feeds_a_table_and_superseded_ones_are_in_history(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# old tables\n\n## Notes\n\nhand-written\n")
+    assert write_benchmarks_md(md, load_parts(CURRENT)) == []
+    assert md.read_text().endswith("\n## Notes\n\nhand-written\n") and "# old tables" not in md.read_text()
+    # The chain of 2026-12-02 is superseded by the one of 2026-12-03: nothing of its file is shown.
+    superseded = write_benchmarks_md(md, load_parts([*CURRENT, RESULTS / "history" / "2026-12-02-h200-chain-d.json"]))
+    assert superseded == ["bench/results/history/2026-12-02-h200-chain-d.json"]
 
 
-SESSION5 = ("2026-12-02-h200-call1.json", "2026-12-02-h200-call2.json")
+def test_results_are_read_by_date_whatever_the_order_given():
+    names = [p.name for p in load_parts(reversed(CURRENT))]
+    assert names == sorted(names) and names[0].startswith("bench/results/2026-12-01") and "2026-12-03" in names[-1]
 
 
-def test_committed_chain_results_with_session_4s_tables_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5))
-    # The chain of call 2 (peft merge on the GPU) replaces call 1's (Unsloth's merge); both calls' references stay.
-    assert "| merge | 43.5 s | 5.3 s | — | 706 | 16.1 GB written |" in table
-    assert "| **whole chain** | **341.0 s** |" in table
-    assert "| eval-after again, empty compile cache | 65.2 s | 12.8 s | 10.3 s | 0 |" in table
-    assert "| whole chain <= 300 s, downloads excluded | 341.0 s | **miss** |" in table
-    assert "| a second evaluate job compiles in <= 5 s | 9.5 s (without the cache: 10.3 s) | **miss** |" in table
-    assert "| 2x4 | auto: none | 157.0 s | 12.3 s | 95.7 s | 4,784 | 20.9 GiB | 11.6255 | 20.9 s (1.19 s) | empty |" in table
-    assert "| transformers-16bit-static (grouped-query decoding) | 32 | 1200 | 3,184.7 |" in table  # session 4's
+def test_the_page_opens_with_each_topics_current_figure_and_its_date():
+    page = render(load_parts(CURRENT))
+    top = page.partition("\n## ")[0]
+    assert "| [The chain](#the-chain) | 179.5 s for the five jobs on a new machine | 2026-12-03 |" in top
+    assert ("| [The reference train job](#the-reference-train-job) | 66.1 s with the compile cache of an earlier job, "
+            "81.9 s with an empty compile cache | 2026-12-03 |") in top
+    assert "| [Decoding at batch 101](#decoding-at-batch-101) | 10,276 generated tokens/s" in top
+    assert "| [Training throughput](#training-throughput) | 13,905 tokens/s at 2x2048 without checkpointing;" in top
+    assert "| [The CPU demo](#the-cpu-demo) | `make demo` 282.8 s, `make setup` 102.8 s" in top
 
 
-SESSION6 = ("2026-12-02-h200-s6-decode1.json", "2026-12-02-h200-s6-decode2.json", "2026-12-02-h200-s6-decode3.json")
+def test_each_table_names_its_date_machine_versions_and_results_file():
+    page = render(load_parts(CURRENT))
+    machine = ("NVIDIA H200 (143771 MiB, driver 580.159.04): torch 2.11.0, transformers 5.17.0, trl 1.14.0, peft 0.21.0, "
+               "bitsandbytes 0.50.2, unsloth 2026.10.9 (zoo 2026.10.9), triton 3.6.0, Python 3.12.3.")
+    assert f"- Measured 2026-12-03 on {machine} Results: `bench/results/2026-12-03-h200-chain.json`." in section(page, "The chain")
+    assert f"- Measured 2026-12-01 on {machine} Results: `bench/results/2026-12-01-h200-train.json`, " in section(
+        page, "Training throughput")
+    # Rows of different days: the table says which is which.
+    reference = section(page, "The reference train job")
+    assert f"- Measured 2026-12-02 and 2026-12-03 on {machine}" in reference and " | date |" in reference
+    # The packages that differed from the image's lock, the same for every file: said once, at the top.
+    assert page.count("numpy 2.5.2 (lock 2.5.5)") == 1
 
 
-def test_committed_decode_results_with_the_earlier_sessions_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6))
-    # The decoding step's attention kernels, each compiled and run in full; the cold and the cached compile.
-    assert "| empty cache | sdpa | 40.8 s | 35.9 s / 4.4 s | 20.4 ms | 4,951 |" in table
-    assert "| empty cache, efficient | efficient | 33.2 s | 30.0 s / 5.0 s | 18.4 ms | 5,489 |" in table
-    assert "| empty cache, matmul | matmul | 30.8 s | 27.1 s / 3.6 s | 37.7 ms | 2,679 |" in table
-    assert "| the first run's cache | sdpa | 9.1 s (40 steps) | 5.9 s / 4.0 s |" in table
-    assert "| **whole chain** | **341.0 s** |" in table  # session 5's chain stays: session 6's stopped at train
+def test_each_table_gives_the_command_that_measures_it_again():
+    page = render(load_parts(CURRENT))
+    assert ("`python3 bench/run.py --sections peak,build,train --train-runs unsloth:false:padded@2x2048,"
+            "unsloth:unsloth:padded@2x2048`") in section(page, "Training throughput")
+    # Runs on an empty cache of their own first, then the one that finds the shared cache empty, then the rest.
+    assert ("`python3 bench/run.py --sections build,reference --reference 8x1:auto:cold,8x1:auto:alltrainers,8x1:auto,"
+            "8x1:auto:nofreeze,8x1:auto:padded`") in section(page, "The reference train job")
+    assert "`python3 bench/demo.py --clean-clone`" in section(page, "The CPU demo")
 
 
-SESSION7 = ("2026-12-02-h200-s7-decode.json", "2026-12-02-h200-s7-chain1.json", "2026-12-02-h200-s7-chain2.json")
+def test_the_latest_chain_is_judged_and_a_chain_with_overrides_is_shown_apart():
+    chain = section(render(load_parts(CURRENT)), "The chain")
+    assert "| **whole chain** | **179.5 s** |" in chain and "| whole chain <= 300 s, downloads excluded | 179.5 s | **pass** |" in chain
+    assert "| a second evaluate job compiles in <= 5 s | 2.0 s (without the cache: —) | **pass** |" in chain
+    apart = chain.partition("### The chain with `eval.decode_compile=false` (not judged)")[2]
+    assert "| **whole chain** | **214.0 s** |" in apart and "verdict" not in apart
+    assert "bfloat16 weights, decoder layer not compiled: 121,200 tokens in 18.6 s = 6,531 tokens/s" in apart
 
 
-def test_committed_graph_decoder_results_with_the_earlier_sessions_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7))
-    # medcot's graph decoder beside transformers' generate (session 6's rows stay).
-    assert "| empty cache, graph:triton | graph: triton | 7.8 s | 4.1 s / 0.2 s | 9.8 ms | 10,306 |" in table
-    assert "| empty cache, efficient | efficient | 33.2 s | 30.0 s / 5.0 s | 18.4 ms | 5,489 |" in table
-    # The later chain of the session (call 4) replaces call 2's; its empty-cache rerun gives the cold compile.
-    assert "| **whole chain** | **233.9 s** |" in table
-    assert "| whole chain <= 300 s, downloads excluded | 233.9 s | **pass** |" in table
-    assert "| a second evaluate job compiles in <= 5 s | 2.5 s (without the cache: 4.2 s) | **pass** |" in table
-    # Decoding is judged both ways: the steady step (as issue 15's baselines were measured) and the whole call.
-    assert "steady decoding | 10,978 (eval-before, batch 101), 10,978 (eval-after, batch 101) | **pass** |" in table
-    # The whole call, per compile-cache state (the first job of a new machine compiles from nothing).
-    assert "early ends), the compile cache of an earlier job | 7,493 (eval-after, batch 101) | **miss** |" in table
-    assert ("early ends), an empty compile cache | 6,435 (eval-before, batch 101), 6,621 (eval-after, empty cache, "
-            "batch 101) | **miss** |") in table
+def test_the_reference_table_holds_the_recipes_layout_as_shipped_then_with_one_speed_up_off():
+    reference = section(render(load_parts(CURRENT)), "The reference train job")
+    rows = [line for line in reference.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[:2] for row in rows[:5]] == [
+        ["| as shipped", "an earlier job's (314 files)"], ["| as shipped", "empty"],
+        ["| every TRL trainer rewritten (`MEDCOT_UNSLOTH_SFT_ONLY=0`)", "empty"],
+        ["| imports' heap not frozen (`MEDCOT_GC_FREEZE=0`)", "an earlier job's (332 files)"],
+        ["| padded batches (`training.padding_free: false`)", "an earlier job's"]]
+    assert ("| as shipped | an earlier job's (314 files) | auto: none | 66.1 s | 13.7 s | 7.2 s | 2.5 s (0.60 s) | 42.2 s "
+            "| 10,858 | 46.1 GiB | 11.6253 | 0.0 s (0 frames) | 2026-12-03 |") in rows
+    # The notebook's 2 x 4 layout, the recipe's until 2026-12-02, is history: in the results, not in the table.
+    assert "132.2 s" not in reference and "139.8 s" not in reference and "2x4" not in reference
+    assert "| the train job, the recipe as shipped, <= 90 s, the compile cache of an earlier job | 66.1 s | **pass** |" in reference
+    assert "| the train job, the recipe as shipped, <= 90 s, an empty compile cache | 81.9 s | **pass** |" in reference
 
 
-SESSION8 = ("2026-12-02-h200-s8-reference.json",)
-SESSION9 = ("2026-12-02-h200-s9-chain.json", "2026-12-02-h200-s9-chain2.json", "2026-12-02-h200-s9-reference.json")
-# The first is a cold reference run on another new machine, replaced in the tables by the third call's (BENCHMARKS.md
-# notes give both); the second, the chain with eval.decode_compile=false (shown apart, not judged).
-SESSION10 = ("2026-12-02-h200-s10-reference.json", "2026-12-02-h200-s10-eager-chain.json",
-             "2026-12-02-h200-s10-chain.json")
+def test_a_later_measurement_of_the_same_run_replaces_the_earlier_one():
+    earlier = [p for p in CURRENT if "sft-trainer-only" not in p.name]
+    # The recipe as shipped on an empty cache: 92.7 s (2026-12-02, padding_free set as it resolves), then 86.7 s
+    # (2026-12-03, the chain's machine), then 81.9 s (2026-12-03, the next machine).
+    assert "| as shipped | empty | auto: none | 86.7 s |" in section(render(load_parts(earlier)), "The reference train job")
+    reference = section(render(load_parts(CURRENT)), "The reference train job")
+    assert "| as shipped | empty | auto: none | 81.9 s |" in reference and "86.7 s" not in reference and "92.7 s" not in reference
 
 
-def test_committed_padding_free_reference_with_the_earlier_sessions_is_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8))
-    # The recipe's 8 rows in one padding-free micro-batch beside the 2 x 4 it replaced, with where the time went.
-    assert ("| 8x1, padding-free | auto: none | 88.7 s | 8.4 s | 52.5 s | 8,718 | 46.1 GiB | 11.6249 | 6.9 s (0.64 s) "
-            "| shared | 24.2 s | 0.0 s (0 frames) |") in table
-    assert "| 2x4 | auto: none | 132.2 s |" in table and "| 20.3 s (1 frame) |" in table
-    # Judged per compile-cache state: it passes with an earlier job's cache and misses, by 2.7 s, without one.
-    assert "88.7 s (8x1:auto:padding_free) | **pass** |" in table
-    assert "| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in table
-    assert "8x1:auto:padding_free vs 2x4:auto: largest per-step loss difference 0.0027 over 60 steps" in table
+def test_loss_curves_compare_only_runs_that_see_the_same_rows():
+    reference = section(render(load_parts(CURRENT)), "The reference train job")
+    assert ("the largest per-step difference from the first row's over 60 steps: 0.0027 (as shipped, empty); "
+            "0.0024 (every TRL trainer rewritten") in reference
+    rows = [Row(key, entry, part) for part in parts("history/2026-11-25-h100-80gb-hbm3-reference.json",
+                                                   "history/2026-11-25-h100-80gb-hbm3-reference-eval.json")
+            for key, entry in part.data["reference"].items()]
+    line = loss_agreement(rows)
+    assert "over 60 steps: 0.0020 (padded batches (`training.padding_free: false`), checkpointing unsloth (offloaded), —)." in line
+    assert "rebalance" not in line
 
 
-def test_committed_session9_chain_and_reference_with_the_earlier_sessions_is_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9))
-    # The chain with the 8 x 1 padding-free recipe (the later, slower machine of two: 200.0 s on the first), and its
-    # evaluate-after over the 100 questions.
-    assert "| **whole chain** | **226.1 s** |" in table
-    assert "109,161 tokens in 12.9 s = 8,446 tokens/s" in table
-    # The shipped config (padding_free unset) on a new machine's empty cache, and after an earlier job's: both kept,
-    # though the two calls ran the same variant name.
-    assert "| 8x1 | auto: none | 92.5 s | 10.1 s | 55.6 s | 8,233 | 46.1 GiB | 11.6255 | 11.9 s (0.63 s) | empty | 22.5 s |" in table
-    assert "| 8x1 | auto: none | 68.9 s | 6.8 s | 42.9 s | 10,685 | 46.1 GiB | 11.6255 | 2.2 s (0.61 s) | shared |" in table
-    assert "68.9 s (8x1:auto (shared cache)) | **pass** |" in table
-    assert ("| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold), "
-            "92.5 s (8x1:auto) | **miss** |") in table
-    assert "early ends), the compile cache of an earlier job | 8,446 (eval-after, batch 101) | **pass** |" in table
-    assert ("early ends), an empty compile cache | 5,030 (eval-before, batch 101), 7,372 (eval-after, empty cache, "
-            "batch 101) | **miss** |") in table
-
-
-def test_committed_session10_results_with_the_earlier_sessions_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9, *SESSION10))
-    # The chain as shipped is judged; the chain with the uncompiled decoder layer is shown apart and is not.
-    assert "| whole chain <= 300 s, downloads excluded | 200.6 s | **pass** |" in table
-    assert "### The chain again, every job with `eval.decode_compile=false` (not judged)" in table
-    assert "| **whole chain** | **214.0 s** |" in table
-    assert "bfloat16 weights, decoder layer not compiled: 121,200 tokens in 18.6 s = 6,531 tokens/s" in table
-    assert "| empty cache, graph:triton, layer not compiled | graph: triton | 3.4 s | — / — | 12.2 ms | 8,279 |" in table
-    # The reference with the imports' heap frozen and without, and as the first job of a new machine.
-    assert "imports' heap not frozen (MEDCOT_GC_FREEZE=0) | auto: none | 75.7 s |" in table
-    assert "| 8x1, padding-free (padding_free unset) | auto: none | 78.2 s | 7.5 s |" in table
-    assert ("| reference <= 90 s, an empty compile cache | 157.0 s (2x4:auto:cold), 92.7 s (8x1:auto:padding_free:cold), "
-            "78.2 s (8x1:auto:cold), 92.5 s (8x1:auto (empty cache)) | **pass** |") in table
-
-
-SESSION11 = ("2026-12-03-h200-s11-chain.json",)
-
-
-def test_committed_session11_results_with_the_earlier_sessions_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9, *SESSION10, *SESSION11))
-    targets, _, beyond = table.partition("## Beyond issue 15's targets")
-    targets = targets.partition("## Issue 15's targets")[2]
-    assert "| whole chain <= 300 s, downloads excluded | 179.5 s | **pass** |" in targets
-    # Decoding as the issue's baselines were measured: the decode section's second generate call in one process.
-    assert "| empty cache, graph:triton | graph: triton | 6.8 s | 3.9 s / 0.2 s | 9.4 ms | 10,745 | 10,276 |" in table
-    assert "after a warm-up of the same shapes (decode section, batch 101) | 10,276 (empty cache, graph:triton) | **pass** |" in targets
-    assert "| a second evaluate job compiles in <= 5 s | 2.0 s (without the cache: —) | **pass** |" in targets
-    # The reference as this machine's first job replaces session 10's of the same variant (78.2 s).
-    assert "78.2 s" not in targets and "86.7 s (8x1:auto:cold)" in targets
-    # The whole call, per compile-cache state, without an empty-cache rerun of evaluate-after this time.
-    assert "early ends), the compile cache of an earlier job | 8,671 (eval-after, batch 101) | **pass** |" in beyond
-    assert "early ends), an empty compile cache | 6,786 (eval-before, batch 101) | **miss** |" in beyond
-
-
-# The second machine of session 11: Unsloth rewriting TRL's SFT trainer alone, and every trainer (alltrainers).
-SESSION11_SFT_ONLY = ("2026-12-03-h200-s11-sftonly.json",)
-
-
-def test_committed_sft_only_references_with_the_earlier_sessions_are_benchmarks_md():
-    table = render(committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9, *SESSION10, *SESSION11,
-                             *SESSION11_SFT_ONLY))
-    assert ("| 8x1, padding-free (padding_free unset), every TRL trainer rewritten (MEDCOT_UNSLOTH_SFT_ONLY=0) | auto: none "
-            "| 79.0 s | 7.5 s |") in table
-    assert "| 8x1, padding-free (padding_free unset) | auto: none | 66.1 s | 7.2 s |" in table
-    # The cold reference of this machine replaces the first machine's (86.7 s, in BENCHMARKS.md's notes).
-    assert "81.9 s (8x1:auto:cold)" in table and "86.7 s" not in table.partition("## Issue 15's targets")[2]
-    assert "8x1:auto:alltrainers vs 2x4:auto: largest per-step loss difference 0.0022 over 60 steps" in table
-    assert table in (ROOT / "BENCHMARKS.md").read_text()  # the committed report is this rendering
-
-
-def test_decoding_is_judged_as_the_issues_baselines_were_measured_and_the_whole_call_shown_beyond_the_targets():
-    results = committed(*SESSION4, *SESSION5, *SESSION6, *SESSION7, *SESSION8, *SESSION9, *SESSION10)
-    graph = {"decoder": "graph", "decode_attention": "triton", "step_s": 0.0097}
-    results["decode"] = {
-        "empty cache, graph:triton": {"full": {**graph, "compiled": True}, "warm": {"tokens_per_s": 7950.4}},
-        # Not the evaluate job's decoder on a GPU: shown in the decode table, never judged.
-        "empty cache, graph:triton, layer not compiled": {"full": {**graph, "compiled": False},
-                                                          "warm": {"tokens_per_s": 8412.0}},
-        "empty cache, graph:efficient": {"full": {**graph, "decode_attention": "efficient"},
-                                         "warm": {"tokens_per_s": 9000.0}},
-    }
-    table = render(results)
-    targets, _, beyond = table.partition("## Beyond issue 15's targets")
-    targets = targets.partition("## Issue 15's targets")[2]
-    assert ("as the issue's baselines were measured: the generate call after a warm-up of the same shapes (decode "
-            "section, batch 101) | 7,950 (empty cache, graph:triton) | **miss** |") in targets
-    assert "steady decoding | 10,745 (eval-before, batch 101), 11,099 (eval-after, batch 101) | **pass** |" in targets
-    # The whole call, compile included, is held to the same rate apart: a miss there stays in sight.
-    assert "whole generate call" not in targets
-    assert ("early ends), an empty compile cache | 6,567 (eval-before, batch 101), 7,340 (eval-after, empty cache, "
-            "batch 101) | **miss** |") in beyond
-    assert "| empty cache, graph:triton, layer not compiled | graph: triton | — | — / — | 9.7 ms | 10,412 | 8,412 |" in table
-    results["decode"]["empty cache, graph:triton"]["warm"]["tokens_per_s"] = 10233.6
-    assert "| 10,234 (empty cache, graph:triton) | **pass** |" in render(results)
-
-
-def test_a_chain_run_with_overrides_is_kept_apart_from_the_recipes_chain():
-    recipe = {"chain": {"overrides": [], "wall_s": 200.6, "stages": {"train": {"wall_s": 83.1}}}}
-    other = {"chain": {"overrides": ["eval.decode_compile=false"], "wall_s": 214.0, "stages": {"train": {"wall_s": 92.8}}}}
-    merged = merge_results([recipe, other])
-    assert merged["chain"]["wall_s"] == 200.6
-    assert merged["chain_variants"] == {"eval.decode_compile=false": other["chain"]}
-    # One run's results, rendered as bench/run.py writes them during a session: shown, not judged.
-    alone = render({**merge_results([other]), "chain": other["chain"], "chain_variants": {}})
-    assert "every job with `eval.decode_compile=false` (not judged)" in alone and "Issue 15's targets" not in alone
-
-
-def test_merging_keeps_a_variant_measured_on_a_cache_in_another_state():
-    first = {"reference": {"8x1:auto": {"wall_s": 68.9, "compile_cache": "shared"}, "2x4:auto": {"wall_s": 132.2}}}
-    second = {"reference": {"8x1:auto": {"wall_s": 92.5, "compile_cache": "empty"}, "2x4:auto": {"wall_s": 139.8}}}
-    merged = merge_results([first, second])["reference"]
-    assert merged["8x1:auto"]["wall_s"] == 92.5 and merged["8x1:auto (shared cache)"]["wall_s"] == 68.9
-    assert merged["2x4:auto"]["wall_s"] == 139.8 and len(merged) == 3  # without a cache state: the later replaces
-
-
-def test_a_profiled_reference_run_is_shown_but_never_judged_nor_compared(tmp_path):
+def test_a_profiled_reference_run_is_never_shown_nor_judged(tmp_path):
     import cProfile
 
     def slow_step():
@@ -265,44 +178,89 @@ def test_a_profiled_reference_run_is_shown_but_never_judged_nor_compared(tmp_pat
     text = profile_text(prof)
     assert "slow_step" in text and "cumulative" in text and "tottime" in text
 
-    results = committed(*SESSION8)
-    fast = results["reference"]["8x1:auto:padding_free"]
-    # A profiled run that looked fast (it cannot: the profiler slows it) must not pass the target for the others.
-    results["reference"]["8x1:auto:cold:profile"] = {**fast, "compile_cache": "empty", "wall_s": 50.0,
-                                                     "losses": [x + 1 for x in fast["losses"]], "profile": text}
-    table = render(results)
-    assert "| 8x1, padding-free (under cProfile: diagnosis, not timing) | auto: none | 50.0 s |" in table
-    verdict = next(line for line in table.splitlines() if line.startswith("| reference workload <= 90 s"))
-    assert "93 s (8x1:auto:padding_free:cold)" in verdict and "profile" not in verdict
-    assert "8x1:auto:cold:profile vs" not in table
-    with_chain = render(committed(*SESSION7, *SESSION8) | {"reference": results["reference"]})
-    assert "| reference <= 90 s, an empty compile cache | 92.7 s (8x1:auto:padding_free:cold) | **miss** |" in with_chain
+    current = load_parts(CURRENT)
+    fast = next(r.entry for r in reference_rows(current) if r.entry["wall_s"] == 66.1)
+    # A profiled run that looked fast (it cannot: the profiler slows it) must not replace the measurement.
+    profiled = Part("2026-12-04-h200-profile.json", {"meta": {"date": "2026-12-04"}, "reference": {
+        "8x1:auto:profile": {**fast, "variant": "8x1:auto:profile", "wall_s": 50.0, "profile": text}}})
+    assert [r.entry["wall_s"] for r in reference_rows([*current, profiled])][:2] == [66.1, 81.9]
 
 
-def test_eval_verdict_counts_the_evaluate_jobs_answer_length_not_a_shorter_run():
-    table = render(committed("2026-11-25-h100-80gb-hbm3-call1.json", "2026-11-25-h100-80gb-hbm3-call3.json",
-                             "2026-11-25-h100-80gb-hbm3-call4.json"))
+def test_decoding_is_judged_on_the_warm_generate_call_and_the_whole_call_shown_apart():
+    decoding = section(render(load_parts(CURRENT)), "Decoding at batch 101")
+    targets, _, stricter = decoding.partition("### Stricter: the whole generate call, its compile included")
+    assert "| empty cache, graph:triton | graph: triton | 6.8 s | 3.9 s / 0.2 s | 9.4 ms | 10,745 | 10,276 | 2026-12-03 |" in targets
+    assert ("the generate call after a warm-up of the same shapes (batch 101) | 10,276 (empty cache, graph:triton) "
+            "| **pass** |") in targets
+    assert "steady decoding (the chain) | 11,099 (eval-before, batch 101), 11,477 (eval-after, batch 101) | **pass** |" in targets
+    assert "whole generate call" not in targets.partition("### Targets")[2]
+    assert "early ends), the compile cache of an earlier job | 8,671 (eval-after, batch 101) | **pass** |" in stricter
+    assert "early ends), an empty compile cache | 6,786 (eval-before, batch 101) | **miss** |" in stricter
+
+
+def test_only_the_graph_decoders_compiled_triton_step_is_judged():
+    current = load_parts(CURRENT)
+    graph = {"decoder": "graph", "decode_attention": "triton", "step_s": 0.0097}
+    later = Part("2026-12-04-h200-decode.json", {"meta": {"date": "2026-12-04"}, "decode": {
+        "empty cache, graph:triton": {"full": {**graph, "compiled": True}, "warm": {"tokens_per_s": 7950.4}},
+        "empty cache, graph:triton, layer not compiled": {"full": {**graph, "compiled": False},
+                                                          "warm": {"tokens_per_s": 8412.0}},
+        "empty cache, graph:efficient": {"full": {**graph, "decode_attention": "efficient"},
+                                         "warm": {"tokens_per_s": 9000.0}}}})
+    decoding = section(render([*current, later]), "Decoding at batch 101")
+    assert "(batch 101) | 7,950 (empty cache, graph:triton) | **miss** |" in decoding
+    assert "| empty cache, graph:triton, layer not compiled | graph: triton | — | — / — | 9.7 ms | 10,412 | 8,412 | 2026-12-04 |" in decoding
+
+
+def test_training_targets_on_the_h100_results_that_measured_the_transformers_path():
+    training = section(render(parts(*H100)), "Training throughput")
+    # The fastest Unsloth run at 2x2048 within the 8 GiB target; the ratio to transformers both with checkpointing.
+    assert "| train, Unsloth 2x2048 >= 9,500 tokens/s | 9,651 (unsloth:true:padded) | **pass** |" in training
+    assert "| train, Unsloth >= 3.5x transformers at 2x2048 | 2.07x | **miss** |" in training
+    assert "62.4% (unsloth:false:padded)" in training and "| train, 8x2048 >= 50% MFU |" in training
+
+
+def test_the_current_training_table_leaves_unmeasured_targets_open():
+    training = section(render(load_parts(CURRENT)), "Training throughput")
+    assert "| unsloth, padded batches | none | 2x2048 | 4 | 13,905 | 20.8 GiB | 57.9% | 8.3 s |" in training
+    assert "| train, Unsloth >= 3.5x transformers at 2x2048 | — | — |" in training
+    assert "—: no current measurement (the history below has the last one)." in training
+
+
+def test_generation_targets_count_the_evaluate_jobs_answer_length_not_a_shorter_run():
+    generation = section(render(parts("history/2026-11-25-h100-80gb-hbm3-reference-eval.json",
+                                      "history/2026-11-25-h100-80gb-hbm3-eval.json")), "Generation at batch 1, 8 and 32")
     # 2,110 tokens/s was for 256-token answers; the verdict counts the evaluate job's 1,200-token answers.
-    assert "2,110 (transformers-16bit-static, 256 new tokens), 1,196 (transformers-16bit-static, 1200 new tokens) | **miss** |" in table
+    assert ("| eval, batch 32 >= 2,000 tokens/s | 1,196 (transformers-16bit-static, 1200 new tokens), 2,110 "
+            "(transformers-16bit-static, 256 new tokens) | **miss** |") in generation
+    current = section(render(load_parts(CURRENT)), "Generation at batch 1, 8 and 32")
+    assert "| eval, best >= 3x transformers 4-bit at each batch | 15.2x (batch 1), 20.4x (batch 8), 14.1x (batch 32) | **pass** |" in current
 
 
-def test_loss_agreement_compares_only_runs_that_see_the_same_rows():
-    results = committed("2026-11-25-h100-80gb-hbm3-call1.json", "2026-11-25-h100-80gb-hbm3-call3.json")
-    line = _loss_agreement(results["reference"])
-    assert line.endswith("2x4:unsloth:padded vs 8x1:unsloth:padded: largest per-step loss difference 0.0020 over 60 steps.")
-    assert "rebalance" not in line
-    line = _loss_agreement(committed(*SESSION3)["reference"])
-    assert "2x4:auto vs 2x4:unsloth: largest per-step loss difference 0.0023 over 60 steps" in line
-    assert "grouped" not in line
+def test_merging_two_runs_of_a_day_keeps_a_variant_measured_on_a_cache_in_another_state():
+    first = {"reference": {"8x1:auto": {"wall_s": 68.9, "compile_cache": "shared"}, "2x4:auto": {"wall_s": 132.2}}}
+    second = {"reference": {"8x1:auto": {"wall_s": 92.5, "compile_cache": "empty"}, "2x4:auto": {"wall_s": 139.8}}}
+    merged = merge_results([first, second])["reference"]
+    assert merged["8x1:auto"]["wall_s"] == 92.5 and merged["8x1:auto (shared cache)"]["wall_s"] == 68.9
+    assert merged["2x4:auto"]["wall_s"] == 139.8 and len(merged) == 3  # without a cache state: the later replaces
 
 
-def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_issue_14s_targets():
-    from bench.demo import render as render_demo
-    from bench.demo import verdicts
+def test_a_merged_file_keeps_its_chain_with_overrides_apart_from_the_recipes():
+    recipe = {"chain": {"overrides": [], "wall_s": 200.6, "stages": {"train": {"wall_s": 83.1}}}}
+    other = {"chain": {"overrides": ["eval.decode_compile=false"], "wall_s": 214.0, "stages": {"train": {"wall_s": 92.8}}}}
+    merged = merge_results([recipe, other])
+    assert merged["chain"]["wall_s"] == 200.6
+    assert merged["chain_variants"] == {"eval.decode_compile=false": other["chain"]}
+    chain = section(render([Part("2026-12-04-h200.json", {**merged, "meta": {"date": "2026-12-04"}})]), "The chain")
+    assert "| **whole chain** | **200.6 s** |" in chain and "| whole chain <= 300 s, downloads excluded | 200.6 s |" in chain
+    assert "### The chain with `eval.decode_compile=false` (not judged)" in chain and "| **whole chain** | **214.0 s** |" in chain
 
-    result = json.loads(next(RESULTS.glob("*-cpu-demo-*.json")).read_text())
-    assert render_demo(result) in (ROOT / "BENCHMARKS.md").read_text()
-    checked = verdicts(result)
+
+def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_the_demos_targets():
+    path = next(RESULTS.glob("*-cpu-demo-*.json"))
+    result = json.loads(path.read_text())
+    assert render_demo(result, f"bench/results/{path.name}") in (ROOT / "BENCHMARKS.md").read_text()
+    checked = demo_verdicts(result)
     assert len(checked) == 6 and all(ok for _, _, ok in checked), checked
 
 

@@ -264,7 +264,7 @@ def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
     sys.path.insert(0, str(ROOT))
     from bench.model import R1_DISTILL_LLAMA_8B
 
-    results = json.loads((ROOT / "bench" / "results" / "2026-11-26-h100-80gb-hbm3-machine2.json").read_text())
+    results = json.loads((ROOT / "bench" / "results" / "history" / "2026-11-26-h100-80gb-hbm3-levers.json").read_text())
     run = results["train"]["unsloth:false:padded"]
     params = results["build"]["params"]
     assert len(run["shapes"]) == 3
