@@ -558,7 +558,7 @@ def _generation_section(parts: list[Part], page: _Page) -> list[str]:
         return []
     adapters = {r.entry.get("adapter") for r in rows}
     lines = ["", "## Generation at batch 1, 8 and 32", "",
-             "The evaluate job's `generate` (`medcot.evaluate.generate` on `medcot.modeling.load_with_adapter`), greedy, "
+             "The evaluate job's `generate` (`medcot.generation.generate` on `medcot.modeling.load_with_adapter`), greedy, "
              "every row generating the full length; prompts of 133 to 211 tokens, left-padded; tokens/s = generated "
              "tokens / time of the `generate` call, after a 16-token warm-up with the same shapes. "
              + ("With the reference run's trained adapter (unmerged LoRA on the 4-bit paths, merged into the bf16 "
