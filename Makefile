@@ -163,7 +163,6 @@ CLOUD_VENV ?= .venv-cloud
 SKY_CLOUDS ?=
 SKY_PIN = $$(grep -oE '"skypilot==[^"]+"' pyproject.toml | tr -d '"' | sed 's/==/$(if $(SKY_CLOUDS),[$(SKY_CLOUDS)])==/')
 BUCKET ?=
-GPU_LIST ?=
 
 $(CLOUD_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CLOUD_VENV)
@@ -172,6 +171,9 @@ $(CLOUD_VENV)/.installed: pyproject.toml
 	$(CLOUD_VENV)/bin/uv pip install -q --python $(CLOUD_VENV)/bin/python --no-deps -e .
 	touch $@
 
-cloud-check: $(CLOUD_VENV)/.installed  ## before `sky jobs launch`: clouds, bucket, token, GPU list vs the config (BUCKET=, PUSH=1)
+LAUNCH_FILE ?= deploy/skypilot/chain.yaml
+
+cloud-check: $(CLOUD_VENV)/.installed  ## before `sky jobs launch`: clouds, BUCKET=, token, GPU list vs CONFIG; PUSH=1 adds preflight
 	$(CLOUD_VENV)/bin/python -m medcot.cloudcheck --config $(CONFIG) $(if $(BUCKET),--bucket $(BUCKET)) \
-	  $(if $(PUSH),--push) $(if $(GPU_LIST),--gpus $(GPU_LIST)) $(ARGS)
+	  --launch-file $(LAUNCH_FILE) $(if $(PUSH),--push) $(ARGS)
+	$(if $(PUSH),$(MAKE) --no-print-directory preflight CONFIG=$(CONFIG) ARGS='$(ARGS)')

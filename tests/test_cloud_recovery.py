@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from cloud_sim import CLOUD_PYTHON, ROOT, NodeScript, free_port, lay_vm, node_env, skypilot_task
-from reliability import adapter_tensors, assert_same_tensors, short_rows, write_jsonl
+from reliability import adapter_tensors, assert_same_tensors, run, short_rows, write_jsonl
 from safetensors.torch import load_file
 
 from medcot.durable import Commit
@@ -101,6 +101,15 @@ def run_losses(summary_path: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in json.loads(summary_path.read_text())["losses"]]
 
 
+def train_alone(tiny_model, data, tmp_path: Path, *extra: str) -> Path:
+    """The train job of the same launch, in one process and never interrupted: what the cloud runs must equal."""
+    out = tmp_path / "alone"
+    done = run("train", ["--config", str(ROOT / "configs" / "demo.yaml"), "--run-name", RUN,
+                         *chain_args(tiny_model, data, *extra).split(), f"output_dir={out}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / RUN
+
+
 def test_a_vm_killed_mid_training_is_replaced_and_the_chain_finishes_from_the_bucket_as_if_never_killed(
         tiny_model, data, tmp_path, record_property):
     hooks = tmp_path / "hooks"
@@ -110,12 +119,7 @@ def test_a_vm_killed_mid_training_is_replaced_and_the_chain_finishes_from_the_bu
     token = "hf_cloudcanary" + secrets.token_hex(8)
     secret = {"HF_TOKEN": token}
 
-    # The same launch, never interrupted, into a bucket of its own: what the recovered run must end with.
-    ref_bucket = tmp_path / "ref-bucket"
-    ref = Vm(tmp_path / "ref", CHAIN, launch_env(tiny_model, data, ref_bucket), secret, base)
-    ref.setup()
-    ref_run = ref.start()
-    assert ref_run.finish() == 0, ref_run.output[-6000:]
+    reference = train_alone(tiny_model, data, tmp_path)
 
     bucket = tmp_path / "bucket"
     vm1 = Vm(tmp_path / "vm1", CHAIN, launch_env(tiny_model, data, bucket), secret, base)
@@ -150,7 +154,7 @@ def test_a_vm_killed_mid_training_is_replaced_and_the_chain_finishes_from_the_bu
     summary = json.loads((local / "train" / "summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-4"
     # ... and ends exactly where the uninterrupted run ends.
-    ref_local = ref.workdir / "outputs" / RUN
+    ref_local = reference
     ours, theirs = run_losses(local / "train" / "summary.json"), run_losses(ref_local / "train" / "summary.json")
     assert [s for s, _ in ours] == [s for s, _ in theirs] == list(range(1, MAX_STEPS + 1))
     assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=1e-6)
@@ -163,8 +167,8 @@ def test_a_vm_killed_mid_training_is_replaced_and_the_chain_finishes_from_the_bu
     assert_same_tensors(load_file(run_bucket / "train" / "adapter" / "adapter_model.safetensors"),
                         adapter_tensors(ref_local / "train" / "adapter"))
     # The token went in as a SkyPilot secret: it is in no log and no file of the bucket or the VMs' run directories.
-    assert token not in ref_run.output + run1.output + out
-    for folder in (bucket, ref_bucket, vm1.workdir / "outputs", vm2.workdir / "outputs"):
+    assert token not in run1.output + out
+    for folder in (bucket, vm1.workdir / "outputs", vm2.workdir / "outputs"):
         for f in folder.rglob("*"):
             assert not f.is_file() or token.encode() not in f.read_bytes(), f
 
@@ -190,23 +194,18 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(tiny_model, d
     assert codes == [0, 0], "\n\n".join(run.output[-5000:] for run in runs)
 
     # One process, the same global batch of 4 rows a step.
-    one = Vm(tmp_path / "one", CHAIN, launch_env(tiny_model, data, tmp_path / "one-bucket", *common,
-                                                 "training.per_device_train_batch_size=4",
-                                                 "training.gradient_accumulation_steps=1"),
-             {"HF_TOKEN": "hf_unused_here"}, base)
-    one.setup()
-    single = one.start()
-    assert single.finish() == 0, single.output[-5000:]
+    one = train_alone(tiny_model, data, tmp_path, *common, "training.per_device_train_batch_size=4",
+                      "training.gradient_accumulation_steps=1")
 
     head = nodes[0].workdir / "outputs" / RUN
     s2 = json.loads((head / "train" / "summary.json").read_text())
-    s1 = json.loads((one.workdir / "outputs" / RUN / "train" / "summary.json").read_text())
+    s1 = json.loads((one / "train" / "summary.json").read_text())
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
     assert s1["global_batch_size"] == s2["global_batch_size"] == 4
     for a, b in zip(s1["losses"], s2["losses"], strict=True):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    w1 = adapter_tensors(one.workdir / "outputs" / RUN / "train" / "adapter")
+    w1 = adapter_tensors(one / "train" / "adapter")
     w2 = adapter_tensors(head / "train" / "adapter")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=1e-4)
