@@ -27,7 +27,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -138,7 +138,7 @@ class Mirror:
         self.root = Path(root)
 
     @classmethod
-    def for_run(cls, run_root: Path, env: dict[str, str] | os._Environ = os.environ) -> Mirror | None:
+    def for_run(cls, run_root: Path, env: Mapping[str, str] = os.environ) -> Mirror | None:
         """The mirror of `run_root` when MEDCOT_DURABLE_DIR is set, else None."""
         base = env.get(ENV)
         return cls(Path(base) / Path(run_root).name) if base else None
