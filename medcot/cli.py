@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable, Mapping
 
 from medcot.config import ConfigError, RunConfig, describe, load_config
+from medcot.durable import DurableError
 from medcot.secrets import RedactingFilter, load_secrets_into_env, redact
 
 log = logging.getLogger("medcot")
 
 # Errors a user can cause and fix; anything else is our bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DurableError)
 
 
 def register_user_error(*types: type[BaseException]) -> None:

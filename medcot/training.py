@@ -20,9 +20,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from datasets import Dataset
@@ -31,7 +32,7 @@ from trl import SFTConfig, SFTTrainer
 
 from medcot.config import RunConfig
 from medcot.data import Example, data_inputs, tokenize_example
-from medcot.durable import ENV, Mirror
+from medcot.durable import ENV, DurableError, Mirror
 from medcot.modeling import Runtime
 from medcot.progress import duration
 from medcot.resources import resource_errors
@@ -39,6 +40,7 @@ from medcot.resources import resource_errors
 log = logging.getLogger(__name__)
 
 COMPLETE_MARK = "medcot-complete"
+T = TypeVar("T")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -143,6 +145,8 @@ def prune_durable_checkpoints(mirror: Mirror, config_hash: str, keep: int | None
 def restore_durable_checkpoint(mirror: Mirror, folder: Path, config_hash: str) -> Path | None:
     """Bring the newest committed checkpoint of this config that is newer than any complete one here, verified, and
     mark it complete. Returns its folder, or None when the durable folder has nothing newer."""
+    for leftover in folder.glob(".restore-checkpoint-*"):  # a restore cut off on this machine before
+        shutil.rmtree(leftover, ignore_errors=True)
     local = complete_checkpoints(folder)
     newest_here = checkpoint_step(local[-1]) if local else -1
     for step, commit in mirror.checkpoints():
@@ -377,8 +381,9 @@ def resume_point(checkpoint_dir: Path) -> Path | None:
         torch.distributed.broadcast_object_list(chosen, src=0)
         name = chosen[0]
         if name is not None and not (checkpoint_dir / name / COMPLETE_MARK).is_file():
-            raise RuntimeError(f"rank 0 resumes from {name}, which this node's {checkpoint_dir} lacks; a node restores "
-                               f"it from the durable folder ({ENV}) before training")
+            raise DurableError(f"rank 0 resumes from {name}, which this node's {checkpoint_dir} lacks; each node "
+                               f"restores it from the durable folder ({ENV}) before training: check that every node "
+                               f"mounts the same bucket")
     return checkpoint_dir / name if name else None
 
 
@@ -445,7 +450,7 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
     return trainer, summary, stop.signal_name
 
 
-def rank_zero_decides(decide):
+def rank_zero_decides(decide: Callable[[], T]) -> T:
     """`decide()` run by rank 0 alone (a single process: by itself), its answer handed to every rank."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return decide()
@@ -523,9 +528,7 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         for path in discard_incomplete_checkpoints(ckpt):
             log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
     if run.mirror is not None and dist.is_local_main_process:  # each node's first process, for its own disk
-        restored = restore_durable_checkpoint(run.mirror, ckpt, config_hash)
-        if restored is not None:
-            log.info("durable: %s restored from %s", restored.name, run.mirror.root)
+        restore_durable_checkpoint(run.mirror, ckpt, config_hash)
     dist.wait_for_everyone()
 
     t_data = time.monotonic()

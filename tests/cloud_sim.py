@@ -98,8 +98,9 @@ class NodeScript:
                     raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output[-6000:]}")
                 self._changed.wait(min(left, 0.5))
 
-    def kill_vm(self) -> float:
-        """SIGKILL every process of the script's session at once: a reclaimed VM gives no grace."""
+    def kill_vm(self, sig: signal.Signals = signal.SIGKILL) -> float:
+        """`sig` to every process of the script's session at once: SIGKILL as a reclaimed VM that gives no grace,
+        SIGTERM as a VM's shutdown after a preemption notice."""
         sid = self.proc.pid
         victims = [sid]
         for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -112,7 +113,7 @@ class NodeScript:
         t = time.monotonic()
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
         return t
 
     def finish(self, timeout: float = 900) -> int:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import time
 from pathlib import Path
 
@@ -175,6 +176,28 @@ def test_a_vm_killed_mid_training_is_replaced_and_the_chain_finishes_from_the_bu
     lost_steps = max(steps_seen) - 4
     record_property("steps_redone", lost_steps)
     record_property("seconds_from_kill_to_resume_on_new_vm", round(resumed_at - killed_at, 1))
+
+
+def test_a_preemption_notice_commits_a_checkpoint_and_the_job_exits_143_for_skypilot_to_recover(
+        tiny_model, data, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_TRAIN)
+    bucket = tmp_path / "bucket"
+    vm = Vm(tmp_path / "vm", CHAIN, launch_env(tiny_model, data, bucket), {"HF_TOKEN": "hf_unused_here"},
+            node_env(tmp_path, PYTHONPATH=str(hooks)))
+    vm.setup()
+    chain = vm.start()
+    chain.wait_for(rf"step 3/{MAX_STEPS} ")
+
+    chain.kill_vm(signal.SIGTERM)  # a VM's shutdown signals every process
+
+    # 143 is what the launch files' job_recovery.recover_on_exit_codes turns into a recovery on a new VM.
+    assert chain.finish(timeout=120) == 143, chain.output[-4000:]
+    stopped = int(re.search(rf"stopped by SIGTERM at step (\d+)/{MAX_STEPS}", chain.output).group(1))
+    commit = Commit.parse((bucket / RUN / "checkpoints" / f"checkpoint-{stopped}.commit.json").read_text())
+    assert {f.path for f in commit.files} >= {"adapter_model.safetensors", "optimizer.pt", "trainer_state.json"}
+    assert "medcot chain: stopped by a signal; the same launch resumes from the bucket" in chain.output
 
 
 def test_two_nodes_train_as_one_process_with_the_same_global_batch(tiny_model, data, tmp_path):

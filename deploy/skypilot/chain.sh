@@ -34,6 +34,10 @@ finish() {
   exit "$status"
 }
 
+# A VM's shutdown sends SIGTERM to every process: the job under way saves its checkpoint and exits 143. This script
+# waits for it (a trap instead of dying at once), so that its own exit status is the job's.
+trap 'echo "medcot chain: stop signal; the job under way saves and stops" >&2' TERM INT
+
 if [ "${MEDCOT_RUNNER:-docker}" = venv ]; then
   py=${MEDCOT_VENV:-.venv}/bin/python
   job() {  # job SCRIPT [ARGS...]
