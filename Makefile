@@ -109,7 +109,7 @@ preflight: setup  ## check the HF token can write to push.repo_id, in seconds
 report: setup  ## print the before/after table and rewrite the report for CONFIG
 	$(PY) jobs/report.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
-test: setup  ## the offline CPU test suite (what CI runs)
+test: setup $(CLOUD_VENV)/.installed  ## the offline CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu and not container"
 
 test-containers: setup  ## build the image and run the chain in containers (needs an engine: .ci/container-engine.sh)
@@ -132,7 +132,7 @@ COMPOSE_FILES = -f compose.yaml $(if $(CPU),-f compose.cpu.yaml)
 DOCTOR_VENV ?= .venv-doctor
 DOCTOR_PINS = $$(grep -oE '"(pydantic|pyyaml|python-dotenv)==[^"]+"' pyproject.toml | tr -d '"')
 
-.PHONY: image up down logs doctor
+.PHONY: image up down logs doctor cloud-check
 
 image:  ## build the GPU image medcot:latest from the lock (docker/requirements.lock)
 	$(COMPOSE) $(COMPOSE_FILES) build
@@ -155,3 +155,25 @@ $(DOCTOR_VENV)/.installed: pyproject.toml
 
 doctor: $(DOCTOR_VENV)/.installed  ## preflight a GPU VM: driver, Docker, toolkit, GPU memory, disk, tokens, Triton
 	$(DOCTOR_VENV)/bin/python -m medcot.doctor --config $(CONFIG) $(ARGS)
+
+# -- SkyPilot: the chain as a managed job on any cloud (docs/cloud.md) ----------------------------------------------------
+# SkyPilot cannot share .venv (it caps click below what huggingface_hub needs): its own venv, with what reading a config
+# needs. SKY_CLOUDS names SkyPilot's extras for your clouds (aws,gcp,azure,kubernetes,...), for `sky check`.
+CLOUD_VENV ?= .venv-cloud
+SKY_CLOUDS ?=
+SKY_PIN = $$(grep -oE '"skypilot==[^"]+"' pyproject.toml | tr -d '"' | sed 's/==/$(if $(SKY_CLOUDS),[$(SKY_CLOUDS)])==/')
+BUCKET ?=
+
+$(CLOUD_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CLOUD_VENV)
+	$(CLOUD_VENV)/bin/python -m pip install -q $(UV_PIN)
+	$(CLOUD_VENV)/bin/uv pip install -q --python $(CLOUD_VENV)/bin/python "$(SKY_PIN)" $(DOCTOR_PINS)
+	$(CLOUD_VENV)/bin/uv pip install -q --python $(CLOUD_VENV)/bin/python --no-deps -e .
+	touch $@
+
+LAUNCH_FILE ?= deploy/skypilot/chain.yaml
+
+cloud-check: $(CLOUD_VENV)/.installed  ## before `sky jobs launch`: clouds, BUCKET=, token, GPU list vs CONFIG; PUSH=1 adds preflight
+	$(CLOUD_VENV)/bin/python -m medcot.cloudcheck --config $(CONFIG) $(if $(BUCKET),--bucket $(BUCKET)) \
+	  --launch-file $(LAUNCH_FILE) $(if $(PUSH),--push) $(ARGS)
+	$(if $(PUSH),$(MAKE) --no-print-directory preflight CONFIG=$(CONFIG) ARGS='$(ARGS)')

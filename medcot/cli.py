@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable, Mapping
 
 from medcot.config import ConfigError, RunConfig, describe, load_config
+from medcot.durable import DurableError
 from medcot.secrets import RedactingFilter, load_secrets_into_env, redact
 
 log = logging.getLogger("medcot")
 
 # Errors a user can cause and fix; anything else is our bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DurableError)
 
 
 def register_user_error(*types: type[BaseException]) -> None:
@@ -83,22 +84,59 @@ def parse_job_args(job: str, doc: str | None = None, argv: list[str] | None = No
     return config, args
 
 
-def data_parallel_argv(script: str, argv: list[str], env: Mapping[str, str]) -> list[str] | None:
-    """The command that restarts `script` as one process per GPU when GPUS (or NPROC) asks for more than one
-    and this process is not already one of torchrun's workers; None when it should run as it is.
+# Static rendezvous: the head node runs evaluate-before first, so the others may wait that long for it (torchrun's
+# default is 600 s).
+RENDEZVOUS_TIMEOUT_S = 1800
+DEFAULT_MASTER_PORT = 29500
 
-    This is how `docker compose` (GPUS=N) gets data-parallel training without a launcher in compose.yaml.
-    """
-    raw = env.get("GPUS") or env.get("NPROC") or "1"
+
+def _count(env: Mapping[str, str], names: tuple[str, ...], what: str) -> int:
+    name = next((n for n in names if env.get(n)), None)
+    if name is None:
+        return 1
+    raw = env[name]
     try:
         n = int(raw)
     except ValueError:
-        raise ConfigError(f"GPUS={raw!r} is not a number of GPUs; set GPUS=1, 2, ... or leave it unset") from None
+        raise ConfigError(f"{name}={raw!r} is not a number of {what}; set {name}=1, 2, ... or leave it unset") from None
     if n < 1:
-        raise ConfigError(f"GPUS={n}: at least one GPU (or process) is needed")
-    if n == 1 or "LOCAL_RANK" in env:
+        raise ConfigError(f"{name}={n}: at least one {what[:-1]} is needed")
+    return n
+
+
+def data_parallel_argv(script: str, argv: list[str], env: Mapping[str, str]) -> list[str] | None:
+    """The command that restarts `script` under torchrun, one process per GPU, when this process is not already one
+    of torchrun's workers and more than one process is asked for; None when it should run as it is.
+
+    GPUS (or NPROC; on SkyPilot, SKYPILOT_NUM_GPUS_PER_NODE) is the number of processes on this machine. Across
+    machines, the rendezvous comes from SkyPilot's variables (SKYPILOT_NUM_NODES, SKYPILOT_NODE_RANK, the first of
+    SKYPILOT_NODE_IPS as the master, MASTER_PORT or 29500) or, where PET_NNODES is set, from torchrun's own PET_*
+    variables, which torchrun reads itself. This is how `docker compose` (GPUS=N) and a SkyPilot task with
+    `num_nodes: N` get data-parallel training without a launcher of their own.
+    """
+    if "LOCAL_RANK" in env:
         return None
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *argv]
+    gpus = _count(env, ("GPUS", "NPROC", "SKYPILOT_NUM_GPUS_PER_NODE"), "GPUs")
+    nodes = _count(env, ("SKYPILOT_NUM_NODES",), "nodes")
+    launch = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes > 1:
+        ips = env.get("SKYPILOT_NODE_IPS", "").split()
+        rank = env.get("SKYPILOT_NODE_RANK", "")
+        if len(ips) != nodes or not rank.isdigit() or int(rank) >= nodes:
+            raise ConfigError(
+                f"SKYPILOT_NUM_NODES={nodes} needs SKYPILOT_NODE_IPS to list {nodes} addresses (found {len(ips)}) and "
+                f"SKYPILOT_NODE_RANK to be 0..{nodes - 1} (found {rank!r}); SkyPilot sets both on every node"
+            )
+        port = _count(env, ("MASTER_PORT",), "ports") if env.get("MASTER_PORT") else DEFAULT_MASTER_PORT
+        launch += [f"--nnodes={nodes}", f"--node_rank={rank}", f"--master_addr={ips[0]}", f"--master_port={port}",
+                   f"--rdzv_conf=timeout={RENDEZVOUS_TIMEOUT_S}"]
+    elif env.get("PET_NNODES"):
+        pass  # torchrun takes --nnodes, --node_rank, --master_addr... from PET_* itself
+    elif gpus == 1:
+        return None
+    else:
+        launch.append("--standalone")
+    return [*launch, f"--nproc_per_node={gpus}", script, *argv]
 
 
 def run_job(main: Callable[[], int | None]) -> None:

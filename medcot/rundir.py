@@ -8,6 +8,10 @@ Layout of `<output_dir>/<run_name>/`:
 A stage writes into `.staging/<stage>-<random>/` and is published by one atomic rename once its
 manifest is written. A stage folder without `manifest.json` was never published and is ignored. A write that
 fails on a full disk becomes a ResourceError that names the folder and what was kept (raise_if_disk_full).
+
+With MEDCOT_DURABLE_DIR set (medcot.durable), every published stage is also copied to that folder, and a stage that
+this machine lacks is restored from there, verified, when a job first asks for it: a job on a new machine carries on
+where the last one stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from medcot.durable import Mirror, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +161,7 @@ class Manifest:
 class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        self.mirror = Mirror.for_run(self.root)
 
     def stage(self, name: str) -> Path:
         return self.root / name
@@ -165,7 +172,7 @@ class RunDir:
 
     def manifest(self, name: str) -> Manifest | None:
         path = self.stage(name) / MANIFEST
-        if not path.is_file():
+        if not path.is_file() and not self._restore(name):
             return None
         try:
             return Manifest.read(path)
@@ -192,6 +199,9 @@ class RunDir:
         if manifest is None:
             return False
         if manifest.config_hash == config_hash and manifest.inputs == inputs:
+            # Finished here, but perhaps cut off before its durable copy was committed: commit it now.
+            if self.mirror and not self.mirror.is_committed_copy_of(name, self.stage(name) / MANIFEST):
+                self._commit(name)
             return True
         if not force:
             changed = "config" if manifest.config_hash != config_hash else "inputs (" + ", ".join(
@@ -229,6 +239,27 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
             raise_if_disk_full(error, self.root, f"Nothing of '{name}' was published; an earlier result is unchanged.")
             raise
+        if self.mirror:
+            self._commit(name)
+
+    def _commit(self, name: str) -> None:
+        final = self.stage(name)
+        self.mirror.commit(name, final, extra={"manifest_sha256": sha256_of(final / MANIFEST)})
+
+    def _restore(self, name: str) -> bool:
+        """Bring the committed durable copy of stage `name` here, verified, published like a stage. Only one process
+        per machine restores (torchrun's workers other than each node's first read what that one brought)."""
+        if self.mirror is None or os.environ.get("LOCAL_RANK", "0") != "0" or self.mirror.commit_of(name) is None:
+            return False
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers(name)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        if self.mirror.restore(name, tmp) is None or not (tmp / MANIFEST).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        self._swap_in(tmp, self.stage(name))
+        return True
 
     def _swap_in(self, new: Path, final: Path) -> None:
         if final.exists():

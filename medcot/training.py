@@ -3,7 +3,9 @@ preemption, progress a person can read, and the summary the later stages and the
 
 Checkpoint rule: transformers resumes from the highest-numbered `checkpoint-*` folder even when its save
 was cut off. We mark a checkpoint complete (`medcot-complete`) only after the trainer has written all of
-it, resume only from marked ones, and delete unmarked ones before resuming.
+it, resume only from marked ones, and delete unmarked ones before resuming. With a durable folder (medcot.durable),
+each complete checkpoint is also committed there before training goes on, and a new machine resumes from the newest
+one that verifies.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from datasets import Dataset
@@ -29,6 +32,7 @@ from trl import SFTConfig, SFTTrainer
 
 from medcot.config import RunConfig, save_config
 from medcot.data import Example, data_inputs, prepare, tokenize_example
+from medcot.durable import ENV, DurableError, Mirror
 from medcot.modeling import (
     Runtime,
     add_lora,
@@ -47,6 +51,7 @@ from medcot.tracking import configure_wandb
 log = logging.getLogger(__name__)
 
 COMPLETE_MARK = "medcot-complete"
+T = TypeVar("T")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -107,14 +112,70 @@ def discard_incomplete_checkpoints(folder: Path) -> list[Path]:
     return removed
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_CHECKPOINT_RE.match(path.name).group(1))
+
+
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete once the trainer has finished writing it (on_save runs after)."""
+    """Marks a checkpoint complete once the trainer has finished writing it (on_save runs after), then commits it to
+    the durable folder, if any, before training goes on: a preemption loses at most the steps since this save."""
+
+    def __init__(self, mirror: Mirror | None = None, config_hash: str = "", keep: int | None = None) -> None:
+        self.mirror, self.config_hash, self.keep = mirror, config_hash, keep
+        self.durable_s = 0.0
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own RNG state into the folder; without this wait, rank 0 could mark (and copy) the
+        # folder before the others' files are in it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if path.is_dir() and state.is_world_process_zero:
             (path / COMPLETE_MARK).write_text(f"{state.global_step}\n")
+            if self.mirror is not None:
+                t0 = time.monotonic()
+                self.mirror.commit(f"checkpoints/{path.name}", path, extra={"config_hash": self.config_hash},
+                                   skip=[COMPLETE_MARK])
+                prune_durable_checkpoints(self.mirror, self.config_hash, self.keep)
+                self.durable_s += time.monotonic() - t0
         return control
+
+
+def prune_durable_checkpoints(mirror: Mirror, config_hash: str, keep: int | None) -> None:
+    """Keep the `keep` newest committed checkpoints of this config in the durable folder (all when None), as
+    save_total_limit does on disk; those of another config (a --force restart) go."""
+    ours = 0
+    for step, commit in mirror.checkpoints():
+        if commit.extra.get("config_hash") == config_hash:
+            ours += 1
+            if keep is None or ours <= keep:
+                continue
+        mirror.withdraw(f"checkpoints/checkpoint-{step}")
+
+
+def restore_durable_checkpoint(mirror: Mirror, folder: Path, config_hash: str) -> Path | None:
+    """Bring the newest committed checkpoint of this config that is newer than any complete one here, verified, and
+    mark it complete. Returns its folder, or None when the durable folder has nothing newer."""
+    for leftover in folder.glob(".restore-checkpoint-*"):  # a restore cut off on this machine before
+        shutil.rmtree(leftover, ignore_errors=True)
+    local = complete_checkpoints(folder)
+    newest_here = checkpoint_step(local[-1]) if local else -1
+    for step, commit in mirror.checkpoints():
+        if step <= newest_here:
+            break
+        if commit.extra.get("config_hash") != config_hash:
+            log.info("durable: checkpoint-%d is of another config; not resumed from", step)
+            continue
+        tmp = folder / f".restore-checkpoint-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if mirror.restore(f"checkpoints/checkpoint-{step}", tmp, commit) is None:
+            continue
+        (tmp / COMPLETE_MARK).write_text(f"{step}\n")
+        final = folder / f"checkpoint-{step}"
+        shutil.rmtree(final, ignore_errors=True)  # an unmarked leftover of the same step
+        os.replace(tmp, final)
+        return final
+    return None
 
 
 class GracefulStop(TrainerCallback):
@@ -319,18 +380,34 @@ def build_trainer(config: RunConfig, runtime: Runtime, model, tokenizer, train_d
     return trainer
 
 
-def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds: Dataset,
-                 checkpoint_dir: Path) -> tuple[SFTTrainer, dict[str, Any], str | None]:
-    """Train (resuming from the last complete checkpoint); returns trainer, summary and the stop signal if any."""
+def resume_point(checkpoint_dir: Path) -> Path | None:
+    """The last complete checkpoint, as rank 0 sees it. Every rank resumes from that one; a rank whose machine lacks
+    it (a node that could not restore it) stops with the reason rather than train from another step."""
     complete = complete_checkpoints(checkpoint_dir)
-    resume = complete[-1] if complete else None
+    name = complete[-1].name if complete else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        chosen = [name]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        name = chosen[0]
+        if name is not None and not (checkpoint_dir / name / COMPLETE_MARK).is_file():
+            raise DurableError(f"rank 0 resumes from {name}, which this node's {checkpoint_dir} lacks; each node "
+                               f"restores it from the durable folder ({ENV}) before training: check that every node "
+                               f"mounts the same bucket")
+    return checkpoint_dir / name if name else None
+
+
+def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds: Dataset,
+                 checkpoint_dir: Path, marker: CheckpointMarker | None = None) -> tuple[SFTTrainer, dict[str, Any], str | None]:
+    """Train (resuming from the last complete checkpoint); returns trainer, summary and the stop signal if any."""
+    resume = resume_point(checkpoint_dir)
     if resume:
         log.info("resuming from %s", resume)
 
     stop = GracefulStop()
     progress = ProgressLog(runtime.device)
+    marker = marker or CheckpointMarker()
     t_setup = time.monotonic()
-    trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir, [CheckpointMarker(), progress, stop])
+    trainer = build_trainer(config, runtime, model, tokenizer, train_ds, checkpoint_dir, [marker, progress, stop])
     setup_s = time.monotonic() - t_setup
     if runtime.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -373,11 +450,22 @@ def run_training(config: RunConfig, runtime: Runtime, model, tokenizer, train_ds
         # shape recompiles a block): with first_step_s and median_step_s, what the first step's extra time was.
         "torch_compile_s": round(compile_s, 2),
         "torch_compiled_frames": compiled_frames,
+        # Seconds the checkpoints' copies to the durable folder held training up (0 without one).
+        "durable_copy_s": round(marker.durable_s, 2),
     }
     if summary["first_step_s"] is not None:
         log.info("first step %.1f s (torch compiled %d frames in %.1f s in all), then %.2f s a step",
                  summary["first_step_s"], compiled_frames, compile_s, summary["median_step_s"])
     return trainer, summary, stop.signal_name
+
+
+def rank_zero_decides(decide: Callable[[], T]) -> T:
+    """`decide()` run by rank 0 alone (a single process: by itself), its answer handed to every rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decide()
+    answer = [decide() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(answer, src=0)
+    return answer[0]
 
 
 def _last_checkpoint_text(checkpoint_dir: Path) -> str:
@@ -408,15 +496,16 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     run = RunDir(config.run_dir)
     config_hash = config.section_hash(*STAGE_SECTIONS)
     inputs = data_inputs(config)
-    if run.check_done("train", config_hash, inputs, force):
+    # Under torchrun (make train GPUS=N, or several nodes) every rank runs this function; rank 0 alone writes the
+    # run's files and durable copies, and decides for all whether the stage is already done.
+    from accelerate import PartialState
+
+    dist = PartialState(cpu=runtime.device != "cuda")
+    if rank_zero_decides(lambda: run.check_done("train", config_hash, inputs, force)):
         log.info("train: already finished in %s with this config and data; nothing to do (delete the stage folder to redo it)", run.stage("train"))
         return 0
     check_target_modules(config)
 
-    # Under torchrun (make train GPUS=N) every rank runs this function; rank 0 alone writes files.
-    from accelerate import PartialState
-
-    dist = PartialState(cpu=runtime.device != "cuda")
     ckpt = run.checkpoints
     owner = ckpt / "config_hash"
     if ckpt.is_dir() and owner.is_file() and owner.read_text().strip() != config_hash and not force:
@@ -433,6 +522,8 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
         owner.write_text(config_hash + "\n")
         for path in discard_incomplete_checkpoints(ckpt):
             log.warning("checkpoint %s was never completed (save cut off); removed", path.name)
+    if run.mirror is not None and dist.is_local_main_process:  # each node's first process, for its own disk
+        restore_durable_checkpoint(run.mirror, ckpt, config_hash)
     dist.wait_for_everyone()
 
     t_data = time.monotonic()
@@ -453,8 +544,9 @@ def train_stage(config: RunConfig, runtime: Runtime, force: bool = False) -> int
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model loaded in %.1f s; %.2f M trainable LoRA parameters", load_s, trainable / 1e6)
 
+    marker = CheckpointMarker(run.mirror, config_hash, config.training.save_total_limit)
     trainer, summary, stopped_by = run_training(train_config, runtime, model, tokenizer,
-                                                build_dataset(data.train, tokenizer, config.data.template), ckpt)
+                                                build_dataset(data.train, tokenizer, config.data.template), ckpt, marker)
     summary.update(gradient_checkpointing=checkpointing, gradient_checkpointing_why=why)
     if stopped_by:
         done = complete_checkpoints(ckpt)
