@@ -11,10 +11,12 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rouge_score import rouge_scorer
+
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 DEFAULT_LETTERS = ("A", "B", "C", "D", "E")
 _BOOT_BLOCK = 256  # resamples drawn at once: bounds memory at 256 x n values for large n
@@ -75,6 +77,11 @@ def token_weighted_loss(token_losses: Sequence[tuple[float, int]], n_boot: int =
 
 @functools.cache
 def _rouge() -> rouge_scorer.RougeScorer:
+    # Imported here, by the evaluate job alone: rouge_score imports nltk, whose own imports (scipy.stats and
+    # whatever else is installed) took 4.4 s of CPU on a 2-core VM, which the report, push and lm-eval jobs,
+    # readers of the scores, would pay for nothing.
+    from rouge_score import rouge_scorer
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
