@@ -231,7 +231,7 @@ def main() -> None:
         measured = simulate(tmp / "sim")
         rate = copy_rate(tmp / "copy")
     est = estimates()
-    result = {"meta": {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
+    result = {"environment": {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "python": platform.python_version(),
                        "note": "shared 2-core CPU VM; times vary with the other work on it"},
               "simulated_recovery": measured, "durable_copy_local_disk": rate, "new_vm_estimates": est,
