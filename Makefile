@@ -158,7 +158,8 @@ doctor: $(DOCTOR_VENV)/.installed  ## preflight a GPU VM: driver, Docker, toolki
 
 # -- SkyPilot: the chain as a managed job on any cloud (docs/cloud.md) ----------------------------------------------------
 # SkyPilot cannot share .venv (it caps click below what huggingface_hub needs): its own venv, with what reading a config
-# needs. SKY_CLOUDS names SkyPilot's extras for your clouds (aws,gcp,azure,kubernetes,...), for `sky check`.
+# needs. SKY_CLOUDS names SkyPilot's extras for your clouds (aws,gcp,azure,kubernetes,...), for `sky check`; cloud-check
+# adds them to a venv made without them (make test makes one).
 CLOUD_VENV ?= .venv-cloud
 SKY_CLOUDS ?=
 SKY_PIN = $$(grep -oE '"skypilot==[^"]+"' pyproject.toml | tr -d '"' | sed 's/==/$(if $(SKY_CLOUDS),[$(SKY_CLOUDS)])==/')
@@ -174,6 +175,7 @@ $(CLOUD_VENV)/.installed: pyproject.toml
 LAUNCH_FILE ?= deploy/skypilot/chain.yaml
 
 cloud-check: $(CLOUD_VENV)/.installed  ## before `sky jobs launch`: clouds, BUCKET=, token, GPU list vs CONFIG; PUSH=1 adds preflight
+	$(if $(SKY_CLOUDS),$(CLOUD_VENV)/bin/uv pip install -q --python $(CLOUD_VENV)/bin/python "$(SKY_PIN)")
 	$(CLOUD_VENV)/bin/python -m medcot.cloudcheck --config $(CONFIG) $(if $(BUCKET),--bucket $(BUCKET)) \
 	  --launch-file $(LAUNCH_FILE) $(if $(PUSH),--push) $(ARGS)
 	$(if $(PUSH),$(MAKE) --no-print-directory preflight CONFIG=$(CONFIG) ARGS='$(ARGS)')
