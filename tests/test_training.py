@@ -334,3 +334,14 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
     assert job.main() == 0
     assert (seen["load"] > 1000) if setting is None else seen["load"] == 0
     assert seen["train"] == 0 and gc.get_freeze_count() == 0
+
+
+def test_cpu_computes_the_loss_in_one_pass_and_a_gpu_keeps_trls_chunked_loss(tiny_config):
+    """TRL's chunked loss recomputes the output head in the backward pass to save GPU memory; a CPU has the memory."""
+    from medcot.modeling import Runtime
+    from medcot.training import sft_config
+
+    config = load_config(None, tiny_config())
+    assert sft_config(config, select_backend(config.model), ROOT / "unused").loss_type == "nll"
+    cuda = Runtime("transformers", "cuda", "float32", False)
+    assert sft_config(config, cuda, ROOT / "unused").loss_type == "chunked_nll"
