@@ -27,7 +27,7 @@ NPROC ?= 1
 GPUS ?= $(NPROC)
 TRAIN_LAUNCH = $(if $(filter-out 1,$(GPUS)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS),$(PY))
 
-.PHONY: help setup setup-gpu demo train evaluate merge lm-eval push preflight report test test-containers lint bench
+.PHONY: help setup setup-gpu demo train evaluate merge export lm-eval push preflight report test test-containers lint bench
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -85,6 +85,7 @@ demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, t
 	$(PY) jobs/train.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/merge.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage after $(RUN_ARGS) $(ARGS)
+	$(PY) jobs/export.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/push.py --config $(DEMO_CONFIG) --dry-run $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/report.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 
@@ -96,6 +97,9 @@ evaluate: setup  ## evaluate STAGE=before|after with CONFIG
 
 merge: setup  ## merge the trained adapter into 16-bit weights
 	$(PY) jobs/merge.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
+export: setup  ## the merged model as GGUF (export.types) + Ollama Modelfile; the demo's: CONFIG=configs/demo.yaml
+	$(PY) jobs/export.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 lm-eval: setup  ## lm-evaluation-harness on the merged model (or base + adapter): TASKS=medqa_4options,pubmedqa
 	$(PY) jobs/harness.py --config $(CONFIG) $(RUN_ARGS) $(if $(TASKS),lm_eval.tasks=$(TASKS)) $(ARGS)
@@ -109,7 +113,13 @@ preflight: setup  ## check the HF token can write to push.repo_id, in seconds
 report: setup  ## print the before/after table and rewrite the report for CONFIG
 	$(PY) jobs/report.py --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
-test: setup $(CLOUD_VENV)/.installed  ## the offline CPU test suite (what CI runs)
+# llama-cpp-python (the gguf-check extra) for the tests that run exported GGUF files in llama.cpp: built once per
+# version into MEDCOT_CACHE/wheels (minutes), installed from there after.
+$(VENV)/.installed-gguf-check: $(VENV)/.installed tests/llama_cpp_wheel.sh
+	bash tests/llama_cpp_wheel.sh $(PY)
+	touch $@
+
+test: setup $(CLOUD_VENV)/.installed $(VENV)/.installed-gguf-check  ## the offline CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu and not container"
 
 test-containers: setup  ## build the image and run the chain in containers (needs an engine: .ci/container-engine.sh)

@@ -37,7 +37,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns on every CPU import about optional kernels we do not use there.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -292,10 +292,35 @@ class MergeConfig(_Section):
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the merged weights.")
 
 
+class ExportConfig(_Section):
+    types: list[Literal["q8_0", "f16", "bf16"]] = Field(
+        ["q8_0"], min_length=1,
+        description="GGUF files the export job writes from the merged model, one per type: q8_0 = 8-bit blocks "
+        "(about 1.06 bytes a weight: 8.5 GB for an 8B model, close to 16-bit quality, fast on every llama.cpp backend); "
+        "f16 or bf16 = the merged weights unquantized (2 bytes a weight), a source for llama.cpp's llama-quantize "
+        "(Q4_K_M and other k-quants). The Modelfile serves the first one listed.",
+    )
+    workers: PositiveInt | Literal["auto"] = Field(
+        "auto", description="Threads converting tensors (auto = the CPUs this process may use). The files are the "
+        "same byte for byte whatever the number.",
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _each_type_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: list each type once")
+        return value
+
+
 class PushConfig(_Section):
     repo_id: str | None = Field(None, description="Hub repo to publish to, 'namespace/name'. Required to push.")
     private: bool = Field(True, description="Create the repo private.")
-    what: list[Literal["adapter", "merged"]] = Field(["adapter", "merged"], min_length=1, description="What to upload.")
+    what: list[Literal["adapter", "merged", "gguf"]] = Field(
+        ["adapter", "merged", "gguf"], min_length=1,
+        description="What to upload: the adapter, the merged model, and gguf = the export job's GGUF files, Modelfile "
+        "and Ollama's template and params, when the export stage is published (make export).",
+    )
     allow_foreign_repo: bool = Field(False, description="Allow pushing into an existing repo that medcot did not create.")
 
 
@@ -318,6 +343,7 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
     push: PushConfig = Field(default_factory=PushConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

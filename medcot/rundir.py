@@ -3,7 +3,7 @@
 Layout of `<output_dir>/<run_name>/`:
     config.yaml          resolved config of the latest job (no secrets)
     checkpoints/         the train job's working area (resume points), not a stage output
-    eval-before/ train/ eval-after/ merge/ lm-eval/ push/    published stage outputs, each with manifest.json
+    eval-before/ train/ eval-after/ merge/ export/ lm-eval/ push/    published stage outputs, each with manifest.json
 
 A stage writes into `.staging/<stage>-<random>/` and is published by one atomic rename once its
 manifest is written. A stage folder without `manifest.json` was never published and is ignored. A write that
@@ -38,7 +38,7 @@ from medcot.durable import Mirror, sha256_of
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-STAGES = ("eval-before", "train", "merge", "eval-after", "lm-eval", "push")
+STAGES = ("eval-before", "train", "merge", "eval-after", "export", "lm-eval", "push")
 # The push job's --dry-run publishes its plan and model card here, like a stage.
 DRY_RUN_DIR = "push-dry-run"
 # What to run to produce each stage, for messages.
@@ -47,6 +47,7 @@ PRODUCER = {
     "train": "the train job (make train)",
     "merge": "the merge job (make merge)",
     "eval-after": "the evaluate job with --stage after (make evaluate STAGE=after)",
+    "export": "the export job (make export)",
     "lm-eval": "the lm-eval job (make lm-eval TASKS=...)",
     "push": "the push job (make push)",
 }

@@ -62,6 +62,80 @@ def build_tiny_r1(folder: Path, *, eos_token: str = R1_EOS) -> Path:
     return _save_tiny_llama(folder, fast, pad_token_id=None)
 
 
+def llama_cpp_source() -> Path:
+    """llama-cpp-python's source archive, which tests/llama_cpp_wheel.sh (`make test`) keeps in the wheel cache."""
+    import re
+
+    from medcot.embedded import cache_root
+
+    version = re.search(r'"llama-cpp-python==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    path = cache_root() / "wheels" / f"llama_cpp_python-{version}.tar.gz"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make test` downloads it (bash tests/llama_cpp_wheel.sh .venv/bin/python)")
+    return path
+
+
+def llama3_vocab(folder: Path) -> tuple[Path, list[str], list[list[int]]]:
+    """Llama 3's tokenizer as llama.cpp ships it for its own tests (models/ggml-vocab-llama-bpe.gguf, converted from
+    meta-llama/Meta-Llama-3-8B), with its test texts and the token ids that Meta's Hugging Face tokenizer gave them
+    (the .inp and .out files, written by llama.cpp's convert_hf_to_gguf_update.py)."""
+    import tarfile
+
+    name = "ggml-vocab-llama-bpe.gguf"
+    with tarfile.open(llama_cpp_source()) as tar:
+        for suffix in ("", ".inp", ".out"):
+            member = next(m for m in tar.getmembers() if m.name.endswith(f"/models/{name}{suffix}"))
+            (folder / f"{name}{suffix}").write_bytes(tar.extractfile(member).read())
+    texts = (folder / f"{name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    ids = [[int(i) for i in line.split()] for line in (folder / f"{name}.out").read_text().splitlines()]
+    return folder / name, texts, ids
+
+
+# DeepSeek-R1-Distill-Llama renames some of Llama 3's reserved ids (its tokenizer.json).
+R1_LLAMA3_TOKENS = {128000: R1_BOS, 128001: R1_EOS, 128011: "<｜User｜>", 128012: "<｜Assistant｜>", 128013: "<think>",
+                    128014: "</think>"}
+
+
+def build_llama3_tokenizer(vocab: Path, *, r1: bool = False):
+    """Llama 3's tokenizer rebuilt from llama.cpp's copy of its vocabulary and merges, with Llama 3's pre-tokenizer
+    (its tokenizer.json's split regex, then byte-level) and ignore_merges; BOS added to every encoding. `r1`: with
+    DeepSeek-R1-Distill-Llama's special tokens and chat template, `<think>` and `</think>` plain added tokens."""
+    import gguf
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from medcot.export import LLAMA3_SPLIT
+
+    reader = gguf.GGUFReader(vocab)
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    control = [i for i, t in enumerate(types) if t == gguf.TokenType.CONTROL]
+    if r1:
+        tokens = [R1_LLAMA3_TOKENS.get(i, t) for i, t in enumerate(tokens)]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens) if i not in control}, merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(tokens[i], special=not (r1 and tokens[i] in ("<think>", "</think>")), normalized=False)
+                    for i in control])
+    bos, eos = (R1_BOS, R1_EOS) if r1 else ("<|begin_of_text|>", "<|end_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 128000)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   pad_token=R1_EOS if r1 else None)
+    if r1:
+        fast.chat_template = R1_TEMPLATE
+    assert [fast.convert_tokens_to_ids(tokens[i]) for i in control] == control
+    return fast
+
+
+def build_tiny_llama3(folder: Path, vocab: Path, *, r1: bool = True) -> Path:
+    """A 2-layer Llama (hidden 64, 4 query and 2 key-value heads, untied output) over Llama 3's 128,256 tokens
+    (`vocab`: llama3_vocab's file), saved in float16 as the merge job saves a model."""
+    return _save_tiny_llama(folder, build_llama3_tokenizer(vocab, r1=r1), pad_token_id=None, dtype="float16")
+
+
 def _sample_bpe(special_tokens: list[str], bos: str):
     """A byte-level BPE of 1024 tokens trained on the sample's training texts, adding `bos` to every encoding."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -78,7 +152,7 @@ def _sample_bpe(special_tokens: list[str], bos: str):
     return tok
 
 
-def _save_tiny_llama(folder: Path, fast, pad_token_id: int | None) -> Path:
+def _save_tiny_llama(folder: Path, fast, pad_token_id: int | None, dtype: str = "float32") -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,9 +160,9 @@ def _save_tiny_llama(folder: Path, fast, pad_token_id: int | None) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=0, eos_token_id=fast.eos_token_id, pad_token_id=pad_token_id,
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(folder)
     return folder
 
 
