@@ -676,7 +676,8 @@ def export_stage(config: RunConfig, force: bool = False) -> int:
         (tmp / OLLAMA_TEMPLATE).write_text(template_text, encoding="utf-8")
         (tmp / OLLAMA_PARAMS).write_text(json.dumps(params, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         save_config(config, tmp / "config.yaml")
-        manifest.extra = {"files": files, "pre_tokenizer": model.vocab.pre, "stop": stops, "workers": workers}
+        manifest.extra = {"files": files, "ollama_files": [MODELFILE, OLLAMA_TEMPLATE, OLLAMA_PARAMS],
+                          "pre_tokenizer": model.vocab.pre, "stop": stops, "workers": workers}
     log.info("export: done; %s in %s (ollama create %s -f %s)", ", ".join(f["file"] for f in files), run.stage(STAGE),
              config.run_name, run.stage(STAGE) / MODELFILE)
     return 0

@@ -1,10 +1,12 @@
-"""The push stage: publish the adapter and/or the merged model to the Hugging Face Hub, with a model card.
+"""The push stage: publish the adapter, the merged model and its GGUF files to the Hugging Face Hub, with a model card.
 
 A push is a few commits made through huggingface_hub, which retries and sends large files through LFS/Xet:
     1. the adapter (or the merged model, when only that is pushed) and `medcot.json`, the mark that medcot
        owns the repo;
     2. the merged model, when both are pushed (the adapter then lives under `adapter/`);
-    3. README.md, the model card, last: a repo with a card is a complete push.
+    3. the export job's GGUF files, Modelfile and Ollama's `template` and `params`, at the repo root, where the Hub
+       and `ollama run hf.co/<repo>:Q8_0` look for them, when the export stage is published;
+    4. README.md, the model card, last: a repo with a card is a complete push.
 Files already on the Hub with the same content are skipped, so a rerun after a failure finishes what is
 missing. A dry run writes the same plan and card to a folder and opens no socket.
 """
@@ -33,7 +35,7 @@ from huggingface_hub.hf_api import RepoFile
 from medcot.config import RunConfig
 from medcot.metrics import compare, format_table
 from medcot.prompts import INFERENCE_TEMPLATE
-from medcot.rundir import DRY_RUN_DIR, Manifest, RunDir, versions
+from medcot.rundir import DRY_RUN_DIR, Manifest, RunDir, StageError, versions
 from medcot.secrets import redact
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,7 @@ def build_model_card(config: RunConfig, run_dir: Path | str, repo_id: str | None
     repo_id = repo_id or config.push.repo_id or placeholder_repo_id(config)
     what = config.push.what
     both = "adapter" in what and "merged" in what
+    gguf = _gguf_export(config, run)
     train = _stage_json(run, "train", "summary.json")
     before = _stage_json(run, "eval-before", "summary.json")
     after = _stage_json(run, "eval-after", "summary.json")
@@ -186,7 +189,8 @@ def build_model_card(config: RunConfig, run_dir: Path | str, repo_id: str | None
         base_model=_hub_id(base),
         datasets=[dataset] if _hub_id(dataset) else None,
         library_name="transformers" if "merged" in what else "peft",
-        tags=["medcot", "medical", "reasoning", "chain-of-thought", "lora"] + (["peft"] if "adapter" in what else []),
+        tags=["medcot", "medical", "reasoning", "chain-of-thought", "lora"] + (["peft"] if "adapter" in what else [])
+        + (["gguf"] if gguf else []),
         language="en",
         pipeline_tag="text-generation",
     )
@@ -207,8 +211,12 @@ def build_model_card(config: RunConfig, run_dir: Path | str, repo_id: str | None
                     f"{config.merge.dtype} at the repo root, and the LoRA adapter alone under `adapter/`")
     elif "merged" in what:
         contents = f"the LoRA weights merged into the base model, in {config.merge.dtype}"
-    else:
+    elif "adapter" in what:
         contents = "the LoRA adapter; load it on top of the base model"
+    else:
+        contents = "the LoRA weights merged into the base model, as GGUF files"
+    if gguf and contents != "the LoRA weights merged into the base model, as GGUF files":
+        contents += ", and the merged model as GGUF files for llama.cpp, Ollama and LM Studio"
 
     if before and after:
         decoding = f"sampling at temperature {config.eval.temperature}" if config.eval.do_sample else "greedy decoding"
@@ -263,12 +271,7 @@ Training:
 
 {_prompt_section(config.data.template, repo_id)}
 
-## Usage
-
-```python
-{_usage_snippet(repo_id, base, what, config.eval.max_new_tokens, config.data.template)}
-```
-
+{_usage_section(repo_id, base, what, config.eval.max_new_tokens, config.data.template)}{_gguf_section(gguf, repo_id, config)}
 ## Intended use
 
 Research on fine-tuning reasoning models for medical question answering: comparing recipes, studying how
@@ -302,6 +305,58 @@ def _prompt_section(template: str, repo_id: str) -> str:
             "The model learned this prompt, not its tokenizer's chat template: serve it through a completions "
             "endpoint (vLLM's `/v1/completions`, TGI's `/generate`) with this text. A chat endpoint would wrap the "
             "question in the chat template, a prompt the model was never trained on.")
+
+
+def _usage_section(repo_id: str, base: str, what: list[str], max_new_tokens: int, template: str) -> str:
+    if "merged" not in what and "adapter" not in what:
+        return ""
+    return f"## Usage\n\n```python\n{_usage_snippet(repo_id, base, what, max_new_tokens, template)}\n```\n"
+
+
+def _gguf_export(config: RunConfig, run: RunDir) -> dict[str, Any] | None:
+    """The export stage's manifest extra (its GGUF files, with type and size) when push.what includes gguf and the
+    export stage is published, else None."""
+    if "gguf" not in config.push.what:
+        return None
+    manifest = run.manifest("export")
+    return manifest.extra if manifest is not None else None
+
+
+def _gguf_section(export: dict[str, Any] | None, repo_id: str, config: RunConfig) -> str:
+    """How to run the GGUF files: Ollama from the Hub or with the Modelfile, llama.cpp, LM Studio."""
+    if not export:
+        return ""
+    files = export["files"]
+    rows = "\n".join(f"| `{f['file']}` | {f['type'].upper()} | {f['bytes'] / 1e9:.2f} GB |" for f in files)
+    first = files[0]
+    tag = first["type"].upper()
+    stops = ", ".join(f"`{s}`" for s in export["stop"])
+    prompt = ("the recipe's prompt above, which the files' chat template renders" if config.data.template == "recipe"
+              else "the tokenizer's chat template, which the files carry")
+    return f"""
+## GGUF: llama.cpp, Ollama, LM Studio
+
+Written by medcot's export job from the merged weights:
+
+| File | Type | Size |
+| --- | --- | --- |
+{rows}
+
+Every file prompts the model with {prompt}, and generation stops at {stops}, where training ended its answers.
+
+```bash
+# Ollama, from the Hub: it reads this repo's `template` and `params` (a private repo needs your Ollama SSH key in
+# your Hub account's settings)
+ollama run hf.co/{repo_id}:{tag}
+# Ollama, from the downloaded files
+ollama create {config.run_name} -f Modelfile && ollama run {config.run_name}
+# llama.cpp: one question, or an OpenAI-compatible server whose chat endpoint applies the file's template
+llama-cli -m {first['file']} -st -p "A 45-year-old presents with crushing chest pain. Next step?"
+llama-server -m {first['file']}
+```
+
+LM Studio loads the same files and applies their chat template.
+"""
 
 
 def _usage_snippet(repo_id: str, base: str, what: list[str], max_new_tokens: int, template: str) -> str:
@@ -384,6 +439,10 @@ def _folder_files(folder: Path, prefix: str, run_root: Path) -> list[PlannedFile
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise PushError(f"{folder} holds no files to upload; rerun the stage that writes it (--force)")
+    return _hashed(folder, files, prefix, run_root)
+
+
+def _hashed(folder: Path, files: list[Path], prefix: str, run_root: Path) -> list[PlannedFile]:
     # hashlib releases the GIL on large updates: the shards of a merged model hash side by side, one core each.
     with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
         return list(pool.map(lambda p: PlannedFile.from_path(prefix + p.relative_to(folder).as_posix(), p, run_root), files))
@@ -404,6 +463,18 @@ def _sources(config: RunConfig, run: RunDir) -> tuple[dict[str, Path], dict[str,
         else:
             used["train"] = run.require("train", "the push job (push.what includes 'adapter')")
             folders["adapter"] = run.stage("train") / "adapter"
+    if "gguf" in config.push.what:
+        if run.is_complete("export"):
+            used["export"] = run.require("export", "the push job")
+            merge = run.manifest("merge")
+            if merge is None or used["export"].inputs.get("merge") != merge.identity():
+                raise StageError(f"the GGUF files in {run.stage('export')} were not written from the merged model in "
+                                 f"{run.stage('merge')}; rerun the export job (make export ARGS=--force)")
+            folders["gguf"] = run.stage("export")
+        elif not folders:
+            run.require("export", "the push job (push.what is [gguf])")
+        else:
+            log.info("push: no export stage in %s, so no GGUF files are pushed (make export writes them)", run.root)
     for stage in ("train", "eval-before", "eval-after"):  # they feed the model card
         manifest = run.manifest(stage)
         if manifest is not None:
@@ -421,7 +492,8 @@ def _owner_record(config: RunConfig, inputs: dict[str, str]) -> bytes:
         "dataset": config.data.path,
         "what": list(config.push.what),
         "layout": {"merged": "." if "merged" in config.push.what else None,
-                   "adapter": ("adapter/" if "merged" in config.push.what else ".") if "adapter" in config.push.what else None},
+                   "adapter": ("adapter/" if "merged" in config.push.what else ".") if "adapter" in config.push.what else None,
+                   "gguf": "." if "export" in inputs else None},
         "stages": inputs,
     }
     return redact(json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
@@ -438,6 +510,11 @@ def _plan_commits(config: RunConfig, run: RunDir, repo_id: str, folders: dict[st
     if "merged" in folders:
         commits.append(PlannedCommit("merged", f"Upload merged {config.merge.dtype} model (medcot)",
                                      _folder_files(folders["merged"], "", run.root)))
+    if "gguf" in folders:
+        export = run.manifest("export").extra
+        names = [f["file"] for f in export["files"]] + export["ollama_files"]
+        files = _hashed(folders["gguf"], [folders["gguf"] / name for name in names], "", run.root)
+        commits.append(PlannedCommit("gguf", "Upload GGUF files and Ollama Modelfile (medcot)", files))
     commits[0].files.insert(0, PlannedFile.from_bytes(OWNER_FILE, _owner_record(config, inputs)))
     card = build_model_card(config, run.root, repo_id)
     commits.append(PlannedCommit("card", "Add model card (medcot)", [PlannedFile.from_bytes(CARD_FILE, card.encode())]))

@@ -186,6 +186,60 @@ def test_merged_push_without_merge_stage_says_to_run_the_merge_job(tmp_path, hub
     assert REPO not in hub.repos
 
 
+def publish_export(run: RunDir, merge_identity: str | None = None) -> dict[str, bytes]:
+    """An export stage as the export job publishes it (its manifest names the files), made from the run's merge."""
+    rng = random.Random(1)
+    files = {"demo-Q8_0.gguf": b"GGUF" + rng.randbytes(150_000), "demo-F16.gguf": b"GGUF" + rng.randbytes(280_000),
+             "Modelfile": b'FROM ./demo-Q8_0.gguf\nTEMPLATE """{{ .Prompt }}"""\nPARAMETER stop "<|im_end|>"\n',
+             "template": b"{{ .Prompt }}", "params": b'{"stop": ["<|im_end|>"]}\n'}
+    inputs = {"merge": merge_identity or run.manifest("merge").identity()}
+    with run.publishing("export", "types", inputs) as (tmp, manifest):
+        _files(tmp, {**files, "config.yaml": b"run_name: demo\n"})
+        manifest.extra = {"files": [{"file": n, "type": n.split("-")[1].removesuffix(".gguf").lower(), "bytes": len(d)}
+                                    for n, d in files.items() if n.endswith(".gguf")],
+                          "ollama_files": ["Modelfile", "template", "params"], "stop": ["<|im_end|>"]}
+    return files
+
+
+def test_push_uploads_the_gguf_files_and_ollama_files_at_the_root_before_the_card(tmp_path, hub):
+    config = make_config(tmp_path)
+    run = make_run(config)
+    gguf_files = publish_export(run)
+
+    push(config, run.root, WRITE, dry_run=False, out_dir=tmp_path / "out", endpoint=hub.url)
+
+    repo = hub.repos[REPO]
+    assert [c.summary for c in repo.commits] == [
+        "initial commit", "Upload LoRA adapter (medcot)", "Upload merged float16 model (medcot)",
+        "Upload GGUF files and Ollama Modelfile (medcot)", "Add model card (medcot)"]
+    assert sorted(repo.commits[3].paths) == sorted(gguf_files)
+    assert all(repo.files[name] == data for name, data in gguf_files.items())
+    assert "config.yaml" not in repo.files  # the export stage's own record, not the model's
+    assert json.loads(repo.files["medcot.json"])["layout"]["gguf"] == "."
+    card = repo.files["README.md"].decode()
+    assert "gguf" in front_matter(card)["tags"]
+    assert "ollama run hf.co/alice/medcot-demo:Q8_0" in card and "llama-cli -m demo-Q8_0.gguf" in card
+    assert "| `demo-F16.gguf` | F16 |" in card and "stops at `<|im_end|>`" in card
+
+
+def test_gguf_only_push_without_an_export_stage_says_to_run_the_export_job(tmp_path, hub):
+    config = make_config(tmp_path, what=["gguf"])
+    run = make_run(config)
+
+    with pytest.raises(StageError, match=r"needs the 'export' stage.*make export"):
+        push(config, run.root, WRITE, dry_run=False, out_dir=tmp_path / "out", endpoint=hub.url)
+    assert REPO not in hub.repos
+
+
+def test_gguf_files_of_an_earlier_merge_are_not_pushed_with_a_new_one(tmp_path, no_network):
+    config = make_config(tmp_path)
+    run = make_run(config)
+    publish_export(run, merge_identity="an-earlier-merge")
+
+    with pytest.raises(StageError, match=r"were not written from the merged model .*make export ARGS=--force"):
+        push(config, run.root, None, dry_run=True, out_dir=tmp_path / "out")
+
+
 # ---- the model card ---------------------------------------------------------------------------------
 
 
