@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,36 @@ def tiny_config(tiny_model, tmp_path):
             "eval.max_new_tokens=16", "eval.batch_size=4", "eval.heldout_limit=4", *extra,
         ]
     return make
+
+
+def parse_modelfile(text: str) -> dict:
+    """FROM, TEMPLATE and PARAMETERs of a Modelfile, quoted as Ollama's parser (parser/parser.go) unquotes them: a
+    value in triple quotes verbatim, one in double quotes without its quotes."""
+    out: dict = {"parameters": {}}
+    for match in re.finditer(r'^(FROM|TEMPLATE|PARAMETER)\s+(?:(\w+)\s+)?("""(.*?)"""|"(.*?)"|(\S+))$', text, re.M | re.S):
+        command, name, _, triple, double, bare = match.groups()
+        value = next(v for v in (triple, double, bare) if v is not None)
+        if command == "PARAMETER":
+            out["parameters"].setdefault(name, []).append(value)
+        else:
+            out[command] = value
+    return out
+
+
+def ollama_fill(template: str, prompt: str) -> str:
+    """What Ollama sends for one user message with a template of `{{ .Prompt }}`, `{{ .Response }}` and string
+    literals: Go's text/template executes the actions, and Ollama cuts the template after `{{ .Response }}` (empty)
+    for the last turn (template/template.go, Execute). Any other action fails the test: the filler only knows these."""
+    out = []
+    for text, action in re.findall(r"(.*?)(?:\{\{(.*?)\}\}|$)", template, re.S):
+        out.append(text)
+        action = action.strip()
+        if action == ".Prompt":
+            out.append(prompt)
+        elif action == ".Response":
+            return "".join(out)
+        elif re.fullmatch(r'"[^"\\]*"', action):
+            out.append(action[1:-1])
+        elif action:
+            raise AssertionError(f"the template uses {{{{{action}}}}}, which this filler does not implement")
+    return "".join(out)

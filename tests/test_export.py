@@ -4,7 +4,6 @@ behaviour (publication, reruns, bad input). tests/test_export_llamacpp.py loads 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from medcot.resources import ResourceError
 from medcot.rundir import StageError
 from medcot.training import train_stage
 
-from conftest import MCQ_SAMPLE, ROOT, SAMPLE, build_tiny_llama, build_tiny_r1
+from conftest import MCQ_SAMPLE, ROOT, SAMPLE, build_tiny_llama, build_tiny_r1, ollama_fill, parse_modelfile
 
 
 def run_overrides(base: Path, out: Path, *extra: str) -> list[str]:
@@ -84,41 +83,6 @@ def evaluate_prompts(config, tokenizer) -> list[str]:
     items = eval_items(config, prepare(config.data, tokenizer, config.model.max_seq_length).heldout)
     assert len(items) == 10
     return [serving_prompt(config.data.template, tokenizer, item.question) for item in items]
-
-
-# ---- Ollama, as it reads a Modelfile and fills a template -------------------------------------------------------
-
-def parse_modelfile(text: str) -> dict:
-    """FROM, TEMPLATE and PARAMETERs of a Modelfile, quoted as Ollama's parser (parser/parser.go) unquotes them: a
-    value in triple quotes verbatim, one in double quotes without its quotes."""
-    out: dict = {"parameters": {}}
-    for match in re.finditer(r'^(FROM|TEMPLATE|PARAMETER)\s+(?:(\w+)\s+)?("""(.*?)"""|"(.*?)"|(\S+))$', text, re.M | re.S):
-        command, name, _, triple, double, bare = match.groups()
-        value = next(v for v in (triple, double, bare) if v is not None)
-        if command == "PARAMETER":
-            out["parameters"].setdefault(name, []).append(value)
-        else:
-            out[command] = value
-    return out
-
-
-def ollama_fill(template: str, prompt: str) -> str:
-    """What Ollama sends for one user message with a template of `{{ .Prompt }}`, `{{ .Response }}` and string
-    literals: Go's text/template executes the actions, and Ollama cuts the template after `{{ .Response }}` (empty)
-    for the last turn (template/template.go, Execute). Any other action fails the test: the filler only knows these."""
-    out = []
-    for text, action in re.findall(r"(.*?)(?:\{\{(.*?)\}\}|$)", template, re.S):
-        out.append(text)
-        action = action.strip()
-        if action == ".Prompt":
-            out.append(prompt)
-        elif action == ".Response":
-            return "".join(out)
-        elif re.fullmatch(r'"[^"\\]*"', action):
-            out.append(action[1:-1])
-        elif action:
-            raise AssertionError(f"the template uses {{{{{action}}}}}, which this filler does not implement")
-    return "".join(out)
 
 
 # ---- the file ---------------------------------------------------------------------------------------------------
