@@ -104,7 +104,8 @@ def build_model(folder: Path, arch: dict[str, Any]) -> dict[str, Any]:
         del tensors
         print(f"built {file} ({n}/{len(shards)}) after {time.monotonic() - t0:.0f} s", flush=True)
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    LlamaConfig(**copy.deepcopy(arch), dtype="bfloat16").save_pretrained(folder)  # it edits rope_scaling in place
+    # LlamaConfig edits rope_scaling in place; architectures as the merge job's save_pretrained writes it
+    LlamaConfig(**copy.deepcopy(arch), dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(folder)
     build_tokenizer(folder)
     (folder / "BENCH_COMPLETE").write_text(json.dumps(arch, sort_keys=True))
     return {"build_s": round(time.monotonic() - t0, 1), "device": device}
