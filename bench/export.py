@@ -165,7 +165,7 @@ def main() -> int:
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    label = args.model or folder.name
+    label = args.model or (folder.parent.parent.name if folder.name == "model" else folder.name)  # <run>/merge/model
     record = {"date": dt.date.today().isoformat(), "model": label, "folder": str(folder), "weights_bytes": weights,
               "machine": machine(), "runs": []}
     path = out_dir / f"export-{label}-{record['date']}.json"
