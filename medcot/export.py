@@ -44,8 +44,7 @@ from medcot.config import RunConfig, save_config
 from medcot.modeling import load_tokenizer
 from medcot.progress import Progress
 from medcot.prompts import answer_end_id, inference_prompt, serving_prompt
-from medcot.resources import LOW_DISK_BYTES, ResourceError, free_bytes
-from medcot.rundir import RunDir, StageError
+from medcot.rundir import LOW_DISK_BYTES, ResourceError, RunDir, StageError, free_bytes
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,7 @@ from medcot.export import (
 from medcot.merge import merge_stage
 from medcot.modeling import select_backend
 from medcot.prompts import answer_end_id, inference_prompt, serving_prompt
-from medcot.resources import ResourceError
-from medcot.rundir import StageError
+from medcot.rundir import ResourceError, StageError
 from medcot.training import train_stage
 
 from conftest import MCQ_SAMPLE, ROOT, SAMPLE, build_tiny_llama, build_tiny_r1, ollama_fill, parse_modelfile
