@@ -55,9 +55,12 @@ class Part:
 
     @property
     def kind(self) -> str | None:
-        """Which script wrote it: "gpu" (bench/run.py), "demo" (bench/demo.py), or None (another; no table)."""
+        """Which script wrote it: "gpu" (bench/run.py), "demo" (bench/demo.py), "export" (bench/export.py), or None
+        (another; no table)."""
         if "meta" in self.data:
             return "gpu"
+        if "runs" in self.data and "weights_bytes" in self.data:
+            return "export"
         return "demo" if "jobs" in self.data and "machine" in self.data else None
 
 
@@ -108,7 +111,8 @@ def _render(parts: list[Part]) -> tuple[str, set[str]]:
     page = _Page(_common_lock(gpu))
     sections = [_chain_section(gpu, page), _reference_section(gpu, page), _decoding_section(gpu, page),
                 _generation_section(gpu, page), _training_section(gpu, page),
-                _demo_section([p for p in parts if p.kind == "demo"], page)]
+                _demo_section([p for p in parts if p.kind == "demo"], page),
+                _export_section([p for p in parts if p.kind == "export"], page)]
     lines = ["# Benchmarks", "",
              "The current figures of medcot, one section per topic, each with the date, machine and versions it was "
              "measured on and the command that measures it again; the targets follow the figures they judge. The notes "
@@ -700,36 +704,101 @@ def training_targets(rows: list[Row], mfu: Callable[[dict], float | None]) -> Ve
 # -- The CPU demo ---------------------------------------------------------------------------------------------------
 
 def _demo_section(parts: list[Part], page: _Page) -> list[str]:
-    if not parts:
+    """The latest demo of each kind of CPU (its name and the dtype medcot chose on it): AMX and AVX2 differ by 1.5x."""
+    latest = {(p.data["machine"], p.data["dtype"]): p for p in parts}
+    if not latest:
         return []
-    page.cited.add(parts[-1].name)
-    result = parts[-1].data
-    page.headline("The CPU demo", f"`make demo` {result['jobs_s']} s" + (f", `make setup` {result['setup_s']} s"
-                  if result.get("setup_s") else "") + f" ({result['machine']})", parts[-1:])
-    return ["", *render_demo(parts[-1].data, parts[-1].name).rstrip("\n").split("\n")]
+    chosen = list(latest.values())
+    page.cited.update(p.name for p in chosen)
+    page.headline("The CPU demo", "; ".join(
+        f"`make demo` {p.data['jobs_s']} s" + (f", `make setup` {p.data['setup_s']} s" if p.data.get("setup_s") else "")
+        + f" ({_cpu_kind(p.data)})" for p in chosen), chosen)
+    lines = ["", "## The CPU demo", "",
+             "`make demo` on a 2-core CPU, timed job by job, and the numbers its report shows; the latest run on each "
+             "kind of CPU. On a CPU with AMX or AVX-512 BF16 the jobs run in bf16, elsewhere in fp32.", "",
+             "- Rerun: `python3 bench/demo.py --clean-clone` (a clone of HEAD, `make setup` without caches, then the "
+             "demo's jobs)."]
+    for part in chosen:
+        lines += ["", *render_demo(part.data, part.name).rstrip("\n").split("\n")]
+    return lines
+
+
+def _cpu_kind(result: dict[str, Any]) -> str:
+    return f"{result['machine']}, {result['dtype'].split(' (')[0]}"
 
 
 def render_demo(result: dict[str, Any], name: str) -> str:
-    """The CPU demo's section (bench/demo.py's results): the time of each job and the report's key numbers."""
+    """One run of the CPU demo (bench/demo.py's results): the time of each job and the report's key numbers."""
     source = f"a clean clone of {result['commit']}" if result.get("setup_s") else f"a checkout at {result['commit']}"
-    lines = ["## The CPU demo", "",
-             "`make demo` on a CPU, timed job by job, and the numbers its report shows.", "",
+    lines = [f"### {_cpu_kind(result)}", "",
              f"- Measured {result['date']} on {result['machine']}: torch {result['torch']}, {result['dtype']}; {source}. "
-             f"Results: `{name}`.",
-             "- Rerun: `python3 bench/demo.py --clean-clone` (a clone of HEAD, `make setup` without caches, then the "
-             "demo's jobs).", "", "| step | wall |", "| --- | ---: |"]
+             f"Results: `{name}`.", "", "| step | wall |", "| --- | ---: |"]
     if result.get("setup_s") is not None:
         lines.append(f"| make setup (venv, CPU torch, uv install, embedded model converted; no caches) | {result['setup_s']} s |")
     for job in result["jobs"]:
         failed = "" if job["exit"] == 0 else f" (exit {job['exit']})"
         lines.append(f"| {job['job']} | {job['wall_s']} s{failed} |")
     lines.append(f"| **the demo's jobs** | **{result['jobs_s']} s** |")
-    lines += _targets_table("Targets: the CPU demo", demo_verdicts(result))
+    lines += [line.replace("### Targets", "#### Targets") for line in
+              _targets_table(f"Targets: the CPU demo on {_cpu_kind(result)}", demo_verdicts(result))]
     rouge = (result.get("report") or {}).get("rouge_l")
     if rouge:
         lines += ["", f"ROUGE-L against the reference answers: paired difference {rouge['mean_difference']:+.3f} "
                       f"[{rouge['ci'][0]:+.3f}, {rouge['ci'][1]:+.3f}] over {rouge['n']} held-out questions."]
     return "\n".join(lines) + "\n"
+
+
+# -- Export to GGUF -------------------------------------------------------------------------------------------------
+
+EXPORT_TARGETS = {"q8_0_8b_s": 180, "memory_margin_gb": 2}
+
+
+def _export_section(parts: list[Part], page: _Page) -> list[str]:
+    """The latest export benchmark of each model (bench/export.py): each type's time, file size and peak memory."""
+    latest = {p.data["model"]: p for p in parts}
+    if not latest:
+        return []
+    chosen = list(latest.values())
+    page.cited.update(p.name for p in chosen)
+    eight = latest.get("8b")
+    if eight:
+        q8 = [r for r in eight.data["runs"] if r["type"] == "q8_0"]
+        if q8:
+            best = min(q8, key=lambda r: r["process_s"])
+            page.headline("Export to GGUF", f"8B to q8_0 in {best['process_s']:.0f} s on {best['workers']} CPU threads, "
+                          f"{best['peak_rss'] / 1e9:.1f} GB peak memory", [eight])
+    lines = ["", "## Export to GGUF", "",
+             "The export job (`make export`) writing the merged model as GGUF: each type in a fresh process; writing = "
+             "inside the job's writer, process = the whole job's process (imports, tokenizer, the file); peak memory = "
+             "the process's peak resident set.", "",
+             "- Rerun: `python3 bench/export.py --model 8b --out DIR` (DeepSeek-R1-Distill-Llama-8B's architecture with "
+             "random weights, built once), or `--folder outputs/demo/merge/model` after `make demo`."]
+    for part in chosen:
+        d, m = part.data, part.data["machine"]
+        lines += ["", f"### {d['model']}: {d['weights_bytes'] / 1e9:.2f} GB of 16-bit weights", "",
+                  f"- Measured {part.date} on {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB: gguf {m['gguf']}, "
+                  f"numpy {m['numpy']}, torch {m['torch']}, Python {m['python']}. Results: `{part.name}`.", "",
+                  "| type | threads | writing | process | file | peak memory |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['type']} | {r['workers']} | {r['seconds']:.1f} s | {r['process_s']:.1f} s | "
+                  f"{r['bytes'] / 1e9:.2f} GB | {r['peak_rss'] / 1e9:.2f} GB |" for r in d["runs"]]
+        if d["model"] == "8b":
+            lines += [line.replace("### Targets", "#### Targets") for line in
+                      _targets_table("Targets: export", export_verdicts(d))]
+    return lines
+
+
+def export_verdicts(result: dict[str, Any]) -> Verdicts:
+    t = EXPORT_TARGETS
+    limit = result["weights_bytes"] / 1e9 + t["memory_margin_gb"]
+    out: Verdicts = []
+    for r in result["runs"]:
+        if r["type"] == "q8_0":
+            out.append((f"8B to q8_0 in <= {t['q8_0_8b_s']} s on the GPU machine's CPUs",
+                        f"{r['process_s']:.1f} s ({r['workers']} threads)", r["process_s"] <= t["q8_0_8b_s"]))
+    peak = max(r["peak_rss"] for r in result["runs"]) / 1e9
+    out.append((f"peak memory <= the 16-bit weights + {t['memory_margin_gb']} GB ({limit:.1f} GB)", f"{peak:.2f} GB",
+                peak <= limit))
+    return out
 
 
 def demo_verdicts(result: dict[str, Any]) -> Verdicts:

