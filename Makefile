@@ -6,6 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# SkyPilot's own virtualenv (see cloud-check below); here because `test` names it as a prerequisite.
+CLOUD_VENV ?= .venv-cloud
 CONFIG ?= configs/deepseek-r1-distill-llama-8b-medical.yaml
 DEMO_CONFIG ?= configs/demo.yaml
 RUN_NAME ?=
@@ -173,7 +175,6 @@ doctor: $(DOCTOR_VENV)/.installed  ## preflight a GPU VM: driver, Docker, toolki
 # SkyPilot cannot share .venv (it caps click below what huggingface_hub needs): its own venv, with what reading a config
 # needs. SKY_CLOUDS names SkyPilot's extras for your clouds (aws,gcp,azure,kubernetes,...), for `sky check`; cloud-check
 # adds them to a venv made without them (make test makes one).
-CLOUD_VENV ?= .venv-cloud
 SKY_CLOUDS ?=
 SKY_PIN = $$(grep -oE '"skypilot==[^"]+"' pyproject.toml | tr -d '"' | sed 's/==/$(if $(SKY_CLOUDS),[$(SKY_CLOUDS)])==/')
 BUCKET ?=

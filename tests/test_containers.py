@@ -142,6 +142,17 @@ def test_make_up_cpu_lays_the_cpu_override_over_compose_yaml():
     assert "compose.cpu.yaml" not in proc.stdout
 
 
+def test_every_make_target_uses_only_variables_defined_before_it():
+    """Make expands a rule's prerequisites where it reads the rule: a variable defined further down is empty there,
+    and `make test` on a clean clone then asks for a target named `/.installed`."""
+    targets = re.findall(r"^([a-z-]+):.*## ", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert {"test", "setup", "demo", "up", "cloud-check"} <= set(targets)
+    proc = subprocess.run(["make", "-n", "--warn-undefined-variables", *targets],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "undefined variable" not in proc.stderr, proc.stderr
+
+
 @needs_compose
 def test_gpu_jobs_get_shared_memory_for_nccl_and_dataloader_workers(project):
     for name in GPU_JOBS:
