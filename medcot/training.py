@@ -69,10 +69,12 @@ class SetupHeap:
     """
 
     frozen = False
+    # Some Pythons start with objects frozen already (375 on one GPU machine's): those are not someone else's freeze.
+    startup = gc.get_freeze_count()
 
     @classmethod
     def freeze(cls) -> None:
-        if os.environ.get("MEDCOT_GC_FREEZE", "1") != "0" and not cls.frozen and not gc.get_freeze_count():
+        if os.environ.get("MEDCOT_GC_FREEZE", "1") != "0" and not cls.frozen and gc.get_freeze_count() <= cls.startup:
             gc.freeze()
             cls.frozen = True
             log.debug("gc: %d objects frozen for the set-up", gc.get_freeze_count())

@@ -311,7 +311,8 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
 
     import medcot.training
 
-    assert gc.get_freeze_count() == 0
+    before = gc.get_freeze_count()  # some Pythons start with a few hundred objects frozen
+    assert before <= medcot.training.SetupHeap.startup
     if setting is not None:
         monkeypatch.setenv("MEDCOT_GC_FREEZE", setting)
     seen: dict[str, int] = {}
@@ -332,8 +333,11 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
     spec.loader.exec_module(job)
     monkeypatch.setattr(sys, "argv", ["jobs/train.py", *tiny_config()])
     assert job.main() == 0
-    assert (seen["load"] > 1000) if setting is None else seen["load"] == 0
-    assert seen["train"] == 0 and gc.get_freeze_count() == 0
+    if setting is None:
+        assert seen["load"] > before + 1000
+        assert seen["train"] == 0 and gc.get_freeze_count() == 0
+    else:
+        assert seen["load"] <= before and seen["train"] <= before and gc.get_freeze_count() <= before
 
 
 def test_cpu_computes_the_loss_in_one_pass_and_a_gpu_keeps_trls_chunked_loss(tiny_config):
