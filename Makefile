@@ -90,7 +90,6 @@ demo: setup  ## the whole pipeline on CPU: SmolLM2-135M on the bundled sample, t
 	$(PY) jobs/train.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/merge.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/evaluate.py --config $(DEMO_CONFIG) --stage after $(RUN_ARGS) $(ARGS)
-	$(PY) jobs/export.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/push.py --config $(DEMO_CONFIG) --dry-run $(RUN_ARGS) $(ARGS)
 	$(PY) jobs/report.py --config $(DEMO_CONFIG) $(RUN_ARGS) $(ARGS)
 
