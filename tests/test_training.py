@@ -275,13 +275,15 @@ def test_memory_estimate_without_checkpointing_covers_the_measured_h100_peaks():
         assert measured <= estimate <= 1.15 * measured, (shape["batch"], shape["seq_len"], estimate / 2**30)
 
 
-@pytest.mark.parametrize(("native_bf16", "dtype", "autocast"), [(True, "bfloat16", "bf16"), (False, "float32", None)])
-def test_cpu_trains_in_bf16_only_where_the_processor_has_bf16_instructions(tiny_config, monkeypatch, native_bf16,
-                                                                           dtype, autocast):
-    import medcot.modeling
+@pytest.mark.parametrize(("amx", "avx512_bf16", "dtype", "autocast"), [
+    (True, True, "bfloat16", "bf16"), (False, True, "float32", None), (False, False, "float32", None)])
+def test_cpu_trains_in_bf16_only_where_the_processor_has_amx(tiny_config, monkeypatch, amx, avx512_bf16, dtype,
+                                                              autocast):
+    """AVX-512 BF16 without AMX trains bf16 slower than fp32 (medcot.modeling.cpu_has_amx): fp32 there."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     from medcot.training import sft_config
 
-    monkeypatch.setattr(medcot.modeling, "cpu_has_native_bf16", lambda: native_bf16)
     config = load_config(None, tiny_config())
     runtime = select_backend(config.model)
     assert runtime.dtype_name == dtype
