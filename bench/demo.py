@@ -35,9 +35,14 @@ from bench.render import load_parts, page_sources, render_demo, write_benchmarks
 
 
 def _cpu() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores"
+    """The CPU's name, its core count and the widest matrix or vector unit that decides medcot's CPU dtype."""
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    unit = next((name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                                         ("avx2", "AVX2")) if flag in flags), "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {unit}"
 
 
 def demo_commands(checkout: Path, run_name: str, env: dict[str, str]) -> list[list[str]]:
@@ -120,7 +125,7 @@ def main() -> int:
              "print(torch.__version__, 'bf16' if cpu_has_amx() else 'fp32')")
     result["torch"], dtype = subprocess.run([str(python), "-c", probe], cwd=checkout, env=env, capture_output=True,
                                             text=True, check=True).stdout.split()
-    result["dtype"] = "bf16 weights and autocast (AMX / AVX-512 BF16)" if dtype == "bf16" else "fp32 (no native bf16)"
+    result["dtype"] = "bf16 weights and autocast (AMX)" if dtype == "bf16" else "fp32 (no AMX)"
     result.update(run_demo(checkout, env))
 
     out = Path(args.out)
