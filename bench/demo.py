@@ -121,11 +121,11 @@ def main() -> int:
         result["setup_s"] = round(time.monotonic() - t0, 1)
         print(f"  make setup       {result['setup_s']:7.1f} s", flush=True)
     python = checkout / ".venv" / "bin" / "python"
-    probe = ("import torch; from medcot.modeling import cpu_has_amx; "
-             "print(torch.__version__, 'bf16' if cpu_has_amx() else 'fp32')")
+    probe = ("import torch; from medcot.modeling import cpu_has_native_bf16; "
+             "print(torch.__version__, 'bf16' if cpu_has_native_bf16() else 'fp32')")
     result["torch"], dtype = subprocess.run([str(python), "-c", probe], cwd=checkout, env=env, capture_output=True,
                                             text=True, check=True).stdout.split()
-    result["dtype"] = "bf16 weights and autocast (AMX)" if dtype == "bf16" else "fp32 (no AMX)"
+    result["dtype"] = "bf16 weights and autocast (AMX or AVX-512 BF16)" if dtype == "bf16" else "fp32 (no bf16 instructions)"
     result.update(run_demo(checkout, env))
 
     out = Path(args.out)

@@ -715,7 +715,8 @@ def _demo_section(parts: list[Part], page: _Page) -> list[str]:
         + f" ({_cpu_kind(p.data)})" for p in chosen), chosen)
     lines = ["", "## The CPU demo", "",
              "`make demo` on a 2-core CPU, timed job by job, and the numbers its report shows; the latest run on each "
-             "kind of CPU. On a CPU with AMX the jobs run in bf16, elsewhere in fp32 (docs/performance.md: why).", "",
+             "kind of CPU. On a CPU with AMX or AVX-512 BF16 the jobs run in bf16, elsewhere in fp32 (docs/performance.md: "
+             "why).", "",
              "- Rerun: `python3 bench/demo.py --clean-clone` (a clone of HEAD, `make setup` without caches, then the "
              "demo's jobs)."]
     for part in chosen:

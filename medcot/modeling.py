@@ -53,17 +53,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, the one kind of CPU where bf16 beats fp32 for medcot's work: PyTorch's oneDNN
-    kernels on AMX gave, on 2 cores of a Xeon for a SmolLM2-135M-shaped model (bench/cpu_dtype.py, 2026-12-03), 4.5x
-    fp32's prefill, 2.2x its decoding steps and 1.5x its LoRA training tokens/s. The same Xeon with AMX switched off
-    (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: AVX-512 BF16 only, as many AMD EPYCs) ran bf16 slower than fp32: 0.66x the
-    prefill, 1.1x the decoding steps, 0.69x the training. Without bf16 instructions (AVX2 only) bf16 is emulated: 9x
-    slower than fp32 to train, on an AMD EPYC. So fp32 everywhere but on AMX."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware, with AMX tiles or AVX-512 BF16: there PyTorch's oneDNN
+    kernels run medcot's CPU work faster in bf16 than in fp32. Measured with bench/cpu_dtype.py (2026-12-03) on 2 cores,
+    a SmolLM2-135M-shaped model: on a Xeon with AMX, 4.5x fp32's prefill, 2.2x its decoding steps, 1.5x its LoRA
+    training tokens/s; on an AMD EPYC with AVX-512 BF16, 2.1x the prefill, 0.9x the decoding steps, 1.7x the training
+    (the demo's jobs 194 s against 261 s in fp32). Without bf16 instructions (AVX2 only) bf16 is emulated, 9x slower
+    than fp32 to train on an AMD EPYC: fp32 there."""
     import torch
 
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def resolve_model_path(name: str) -> str:
@@ -115,7 +115,7 @@ def select_backend(cfg: ModelConfig) -> Runtime:
         dtype = {"auto": "bfloat16" if bf16 else "float16"}.get(cfg.dtype, cfg.dtype)
         load_4bit = cfg.load_in_4bit
     else:
-        dtype = ("bfloat16" if cpu_has_amx() else "float32") if cfg.dtype == "auto" else cfg.dtype
+        dtype = ("bfloat16" if cpu_has_native_bf16() else "float32") if cfg.dtype == "auto" else cfg.dtype
         load_4bit = False
         if cfg.load_in_4bit:
             log.warning("model.load_in_4bit: skipped on CPU (bitsandbytes 4-bit needs CUDA); loading %s weights", dtype)

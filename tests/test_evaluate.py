@@ -150,12 +150,12 @@ def test_eval_weights_auto_refuses_16bit_for_a_prequantized_checkpoint(tiny_conf
 
 
 def test_cpu_evaluation_plan_keeps_the_model_settings_and_the_summary_names_the_weights(evaluated):
-    from medcot.modeling import cpu_has_amx, plan_eval_model
+    from medcot.modeling import cpu_has_native_bf16, plan_eval_model
 
     model_config, weights = plan_eval_model(evaluated)
     assert model_config == evaluated.model and weights == "16bit"
     summary = json.loads((evaluated.run_dir / "eval-before" / "summary.json").read_text())
-    assert summary["weights"] == ("bfloat16" if cpu_has_amx() else "float32")
+    assert summary["weights"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 def test_generation_logs_each_decoding_step_with_rate_and_time_left_into_a_log_file(tiny_config, caplog, monkeypatch):
