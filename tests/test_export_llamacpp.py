@@ -327,6 +327,7 @@ def test_demo_model_f16_answers_agree_with_transformers_and_stop_where_it_stops(
     32 tokens on at least 9 of 10 prompts (measured 10; whole answers: 8), and wherever it writes an answer up to
     llama.cpp's trained end token, it stops on that token too (measured on 5 answers; 3 more ran the whole budget)."""
     answers = demo_answers(llama_cpp, demo, "f16", demo.eval.max_new_tokens)
+    print(f"f16 answers (tokens, agreed, ended): {answers}")
     assert sum(agreed >= min(n, ANSWER_TOKENS) for n, agreed, _ in answers) >= 9
     comparable = [(n, agreed) for n, agreed, ended in answers if ended and agreed >= n - 1]
     assert len(comparable) >= 4 and all(agreed == n for n, agreed in comparable)
@@ -339,6 +340,7 @@ def test_demo_model_q8_0_answers_agree_with_transformers_on_their_first_32_token
     apart after a near-tie; the file is what llama.cpp's own quantizer writes, and its held-out perplexity is 0.5% above
     f16's (the tests above and below)."""
     answers = demo_answers(llama_cpp, demo, "q8_0", ANSWER_TOKENS)
+    print(f"q8_0 answers that agree with transformers: {answers}")
     assert sum(agreed == n and (n == ANSWER_TOKENS or ended) for n, agreed, ended in answers) >= 5
 
 
