@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.render import load_parts, page_sources, render_demo, write_benchmarks_md  # noqa: E402
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
     """The CPU's name, its core count and the widest matrix or vector unit that decides medcot's CPU dtype."""
     info = Path("/proc/cpuinfo").read_text().splitlines()
     model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
@@ -106,7 +106,7 @@ def main() -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "machine": _cpu(), "commit": commit}
+    result: dict[str, Any] = {"date": dt.date.today().isoformat(), "machine": cpu_name(), "commit": commit}
     checkout = ROOT
     if args.clean_clone:
         if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
