@@ -8,8 +8,9 @@ medcot picks bf16 on a CPU with AMX tiles or AVX-512 BF16 and fp32 elsewhere (me
 from this script's numbers on real CPUs of each kind). ONEDNN_MAX_CPU_ISA caps the instructions that oneDNN (PyTorch's
 bf16 and fp32 matrix products on CPU) may use; `taskset -c 0,1` gives it the two cores of the demo's VM. A cap is no
 stand-in for another CPU: a Xeon with AMX capped to AVX512_CORE_BF16 ran bf16 slower than fp32, where an AMD EPYC
-with AVX-512 BF16 runs it 1.7-2.1x faster; measure on the CPU itself. Shapes as the demo's: 21 prompts of 179-239 tokens left-padded
-to 239, decoding at batch 21, training steps of 2 rows of 490 tokens with LoRA r=16 on every projection and AdamW.
+with AVX-512 BF16 runs it 1.7-2.1x faster; measure on the CPU itself. Shapes as the demo's: 21 prompts of 179-239
+tokens left-padded to 239, decoding at batch 21, training steps of 2 rows of 490 tokens with LoRA r=16 on every
+projection and AdamW.
 """
 
 from __future__ import annotations

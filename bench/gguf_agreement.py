@@ -33,29 +33,12 @@ from test_export_llamacpp import (  # noqa: E402
     llama_greedy,
     load,
     merged,
+    trained_demo,
     transformers_agrees,
     transformers_model,
 )
 
 from bench.demo import cpu_name  # noqa: E402
-
-
-def demo_model(out: Path, steps: int):
-    """configs/demo.yaml trained for `steps`, merged and exported as f16 and q8_0 under `out` (each stage skips when
-    its output is there)."""
-    from medcot.config import load_config
-    from medcot.export import export_stage
-    from medcot.merge import merge_stage
-    from medcot.modeling import select_backend
-    from medcot.training import train_stage
-
-    config = load_config(ROOT / "configs" / "demo.yaml", [f"output_dir={out}", f"run_name=agreement-{steps}",
-                                                          f"training.max_steps={steps}", "export.types=[f16,q8_0]"])
-    runtime = select_backend(config.model)
-    train_stage(config, runtime)
-    merge_stage(config, runtime)
-    export_stage(config)
-    return config, runtime.dtype_name
 
 
 def q8_0_rounded(model) -> None:
@@ -85,7 +68,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(args.out)
-    config, trained_dtype = demo_model(out, args.steps)
+    config = trained_demo(out, args.steps, run_name=f"agreement-{args.steps}")
+    trained_dtype = json.loads((config.run_dir / "train" / "summary.json").read_text())["dtype"]
     folder = merged(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompts = [tokenizer(p)["input_ids"] for p in evaluate_prompts(config, tokenizer, "recipe")]
@@ -119,12 +103,11 @@ def main() -> int:
         rows.append({"answers_of": first, "decoded_by": second, "same": same, "of": len(prompts), "agreed_tokens": agreed})
         print(f"  {first:<22} written by {second:<38} {same:>2} of {len(prompts)}  (tokens agreed: {agreed})")
 
-    import llama_cpp as llama_cpp_module
     import transformers
 
     result = {"date": dt.date.today().isoformat(), "script": "bench/gguf_agreement.py", "steps": args.steps,
               "trained_dtype": trained_dtype, "machine": cpu_name(),
-              "llama_cpp_python": llama_cpp_module.__version__, "transformers": transformers.__version__,
+              "llama_cpp_python": llama_cpp.__version__, "transformers": transformers.__version__,
               "torch": torch.__version__, "rows": rows}
     path = out / f"gguf-agreement-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))

@@ -120,17 +120,22 @@ def llama3(tmp_path_factory):
     return folder, files, texts, ids
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo's SmolLM2-135M trained as configs/demo.yaml says, for 24 steps (the agreement figures below were
-    measured on that model), merged, exported as f16 and q8_0."""
-    config = load_config(ROOT / "configs" / "demo.yaml", [f"output_dir={tmp_path_factory.mktemp('llamacpp-demo')}",
-                                                           "training.max_steps=24", "export.types=[f16,q8_0]"])
+def trained_demo(output_dir: Path, steps: int = 24, run_name: str = "demo"):
+    """The demo's SmolLM2-135M trained as configs/demo.yaml says, for `steps` steps, merged, exported as f16 and q8_0
+    under `output_dir` (each stage skips when its output is there). bench/gguf_agreement.py builds its models here."""
+    config = load_config(ROOT / "configs" / "demo.yaml", [f"output_dir={output_dir}", f"run_name={run_name}",
+                                                           f"training.max_steps={steps}", "export.types=[f16,q8_0]"])
     runtime = select_backend(config.model)
     train_stage(config, runtime)
     merge_stage(config, runtime)
     export_stage(config)
     return config
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo model after 24 steps: the agreement figures below were measured on that model."""
+    return trained_demo(tmp_path_factory.mktemp("llamacpp-demo"))
 
 
 def gguf_file(config, type_name: str) -> Path:
