@@ -118,7 +118,8 @@ EOF
   echo "remote-tests: $workers workers of $CORES cores"
   rm -f "$STATE/pytest.rc"
   # in a session of its own: it outlives this command if the suite takes longer (then `wait`)
-  MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES setsid bash -c \
+  rm -f "$STATE/failures.log"
+  MEDCOT_FAILURES_LOG=$STATE/failures.log MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES setsid bash -c \
     "'$py' -m pytest -v -rfE --tb=short -p no:cacheprovider -p bench.xdist_cores -n $workers --dist loadfile --durations=30 \
        -m 'not gpu and not container' > '$STATE/pytest.log' 2>&1; echo \$? > '$STATE/pytest.rc'" &
   wait_for "$out" "$seconds"
@@ -128,6 +129,7 @@ wait_for() {
   local out=${1:?an output folder} seconds=${2:-500} start=$SECONDS
   while [ ! -f "$STATE/pytest.rc" ] && [ $((SECONDS - start)) -lt "$seconds" ]; do sleep 10; done
   cp "$STATE/pytest.log" "$out/pytest.log"
+  [ ! -f "$STATE/failures.log" ] || cp "$STATE/failures.log" "$out/failures.log"
   if [ -f "$STATE/pytest.rc" ]; then
     tail -n 45 "$STATE/pytest.log"; echo "remote-tests: pytest exit $(cat "$STATE/pytest.rc")"
     return "$(cat "$STATE/pytest.rc")"

@@ -19,3 +19,12 @@ if _worker.startswith("gw") and hasattr(os, "sched_setaffinity"):
     if len(_cores) == _per:
         os.sched_setaffinity(0, _cores)
         os.environ["OMP_NUM_THREADS"] = str(_per)
+
+
+def pytest_runtest_logreport(report):
+    """MEDCOT_FAILURES_LOG=FILE: each failure's traceback into FILE as it happens (in the controller, once), so that a
+    run cut short still tells why."""
+    path = os.environ.get("MEDCOT_FAILURES_LOG")
+    if path and report.failed and not _worker:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
