@@ -4,7 +4,7 @@
 # point, the GPU is hidden from the tests). What the suite needs beyond the machine's packages is more than 64 MiB
 # (the embedded model's package alone is 89 MiB), so it travels in three parts, and the machine must keep /tmp
 # between the copies:
-#     bash bench/remote-tests.sh pack                 # here: writes .carry/1 .carry/2 .carry/3 (git-ignored)
+#     bash bench/remote-tests.sh pack                 # here, after `make test`: writes .carry/1 .carry/2 .carry/3
 #     bash bench/remote-tests.sh setup                # there, with .carry/1: environment, llama.cpp built there
 #     bash bench/remote-tests.sh add 2                # there, with .carry/2
 #     bash bench/remote-tests.sh run OUT [SECONDS]    # there, with .carry/3: the embedded model (30 s), then the suite
