@@ -10,9 +10,10 @@ does not hide them; this environment does:
 
 It holds the given wheels (installed into it, bench/wheels.sh's), and links to every installed distribution of the
 running interpreter that the lock names, that a kept one or a given wheel requires (torch's CUDA libraries), or that
-runs the tests (pytest, pytest-xdist); no other. It prints what it left out. Then it compiles every module to bytecode, as pip does when the
-image is built (the wheels here are installed without it, and the machine's own packages may lack it): otherwise
-the first job on the machine compiles torch's sources, seconds that no job in the image pays.
+runs the tests (pytest, pytest-xdist); no other. It prints what it left out. Then it compiles every module to
+bytecode, as pip does when the image is built (the wheels here are installed without it, and the machine's own
+packages may lack it): otherwise the first job on the machine compiles torch's sources, seconds that no job in the
+image pays.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> int:
     if wheels:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--no-cache-dir", "--target", str(site), *wheels], check=True)
-    from_wheels = {canonicalize_name(d.metadata["Name"]) for d in distributions(path=[str(site)])}
+    wheel_dists = list(distributions(path=[str(site)]))
+    from_wheels = {canonicalize_name(d.metadata["Name"]) for d in wheel_dists}
 
     installed: dict[str, Distribution] = {}
     for dist in distributions():  # the running interpreter's, first found wins as on import
@@ -102,7 +104,7 @@ def main(argv: list[str]) -> int:
         if name and name not in installed and Path(str(dist.locate_file(""))).resolve() != site:
             installed[name] = dist
     lock = lock_names(ROOT / "docker" / "requirements.lock")
-    wheel_needs = {r for d in distributions(path=[str(site)]) for r in requirements(d)}
+    wheel_needs = {r for d in wheel_dists for r in requirements(d)}
     keep = kept(installed, (lock | set(TOOLS) | wheel_needs) - from_wheels) - from_wheels
     targets = [site]
     for name in sorted(keep):

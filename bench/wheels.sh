@@ -12,17 +12,19 @@
 # its fifteen, unsloth drops its bundled web UI (studio/).
 # On the machine: bash bench/device.sh installs DIR/*.whl and prints what still differs from the lock.
 set -euo pipefail
+# LOCK (docker/requirements.lock) and LEAVE_OUT may be given: bench/remote-tests.sh asks for its .venv's set.
 freeze=${1:?the GPU machine\'s pip freeze}
 dir=${2:-.whl}
 cd "$(dirname "$0")/.."
-LEAVE_OUT='^(pyarrow|pandas|numpy|pillow|fonttools|hf-xet|aiohttp|cuda-bindings|cuda-pathfinder|diffusers|hf-transfer)$'
+LOCK=${LOCK:-docker/requirements.lock}
+LEAVE_OUT=${LEAVE_OUT:-'^(pyarrow|pandas|numpy|pillow|fonttools|hf-xet|aiohttp|cuda-bindings|cuda-pathfinder|diffusers|hf-transfer)$'}
 mkdir -p "$dir"
-mapfile -t pins < <(.venv/bin/python - "$freeze" "$LEAVE_OUT" <<'EOF'
+mapfile -t pins < <(.venv/bin/python - "$freeze" "$LEAVE_OUT" "$LOCK" <<'EOF'
 import re, sys
 from packaging.utils import canonicalize_name
-freeze, leave_out = sys.argv[1], re.compile(sys.argv[2])
+freeze, leave_out, lock = sys.argv[1], re.compile(sys.argv[2]), sys.argv[3]
 have = {canonicalize_name(n): v for n, _, v in (l.strip().partition("==") for l in open(freeze)) if v}
-for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", open("docker/requirements.lock").read(), re.M):
+for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+)", open(lock).read(), re.M):
     key = canonicalize_name(name)
     too_large = re.match(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-toolkit)$", key)
     if have.get(key) != version and not too_large and not leave_out.match(key):
