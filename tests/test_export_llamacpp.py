@@ -9,8 +9,13 @@ greedy decoding would have written the same tokens, its end token included.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -46,7 +51,25 @@ def llama_cpp():
 
 
 def load(llama_cpp, path: Path, **kwargs):
+    loads_in_a_child(path, kwargs.get("vocab_only", False))
     return llama_cpp.Llama(str(path), n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, verbose=False, **kwargs)
+
+
+@functools.cache
+def loads_in_a_child(path: Path, vocab_only: bool) -> None:
+    """Each file is first loaded in a child process: a llama.cpp build that crashes on it fails this test with the
+    signal and llama.cpp's last log lines instead of killing the whole test run. One has: llama-cpp-python 0.3.36 built
+    with Ubuntu 24.04's GCC 13.3 for its Python 3.12.3 died (SIGSEGV) in std::regex compiling the SmolLM2 vocabulary's
+    pre-tokenizer, whatever the instruction set or locale, while llama.cpp's own llama-tokenize, from the same source
+    and compiler, read the same file (docs/development.md)."""
+    code = ("import sys, llama_cpp; llama_cpp.Llama(sys.argv[1], n_ctx=512, verbose=True, "
+            "vocab_only=sys.argv[2] == '1')")
+    done = subprocess.run([sys.executable, "-c", code, str(path), str(int(vocab_only))], capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode < 0:
+        tail = "\n".join(done.stderr.splitlines()[-8:])
+        pytest.fail(f"llama-cpp-python crashed ({signal.Signals(-done.returncode).name}) loading {path.name}"
+                    f"{' (vocabulary only)' if vocab_only else ''}; its last lines:\n{tail}")
 
 
 def llama_tokens(llm, text: str, add_special: bool) -> list[int]:
@@ -223,6 +246,44 @@ def test_chat_template_in_the_file_gives_llama_cpp_pythons_chat_endpoint_the_ser
     question = "A 61-year-old woman leaks urine when she coughs. What would cystometry show?"
     prompt = formatter(messages=[{"role": "user", "content": question}]).prompt
     assert prompt == serving_prompt(template, model.tokenizer, question)
+
+
+def crashing_llama_cpp(folder: Path) -> Path:
+    """A `llama_cpp` package whose Llama dies of SIGSEGV after a log line, as the crashing build did."""
+    (folder / "llama_cpp").mkdir(parents=True)
+    (folder / "llama_cpp" / "__init__.py").write_text(
+        "import os, signal, sys\n"
+        "class Llama:\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        print('init_tokenizer: initializing tokenizer for type 2', file=sys.stderr, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGSEGV)\n")
+    return folder
+
+
+def test_a_llama_cpp_crash_fails_the_test_that_loads_the_file_not_the_whole_run(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(crashing_llama_cpp(tmp_path / "build")))
+    with pytest.raises(pytest.fail.Exception, match=r"crashed \(SIGSEGV\) loading tiny-Q8_0.gguf \(vocabulary only\)"
+                       r"(.|\n)*initializing tokenizer"):
+        loads_in_a_child.__wrapped__(gguf_file(tiny, "q8_0"), True)
+
+
+def test_load_check_reads_the_files_metadata_and_reports_a_crash_with_its_signal(llama_cpp, tiny, tmp_path):
+    path = gguf_file(tiny, "q8_0")
+    script = [sys.executable, str(ROOT / "bench" / "llama_load_check.py"), "--vocab-only", str(path)]
+    done = subprocess.run([*script, "--metadata", str(tmp_path / "meta.json")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["ok", "ok"]  # plain, then with torch loaded
+    meta = json.loads((tmp_path / "meta.json").read_text())[path.name]
+    reader = gguf.GGUFReader(path)
+    assert meta["fields"]["tokenizer.ggml.tokens"]["count"] == len(reader.fields["tokenizer.ggml.tokens"].data)
+    assert meta["fields"]["tokenizer.ggml.pre"]["value"] == reader.fields["tokenizer.ggml.pre"].contents()
+    assert meta["tensors"].keys() == {t.name for t in reader.tensors}
+    crashed = subprocess.run([*script, "--build", str(crashing_llama_cpp(tmp_path / "build"))], capture_output=True,
+                             text=True, timeout=300)
+    assert crashed.returncode == 1
+    assert crashed.stdout.count("CRASHED tiny-Q8_0.gguf") == 2 and "signal SIGSEGV" in crashed.stdout
+    assert "initializing tokenizer for type 2" in crashed.stdout
 
 
 def test_the_files_end_token_is_the_trained_one_and_llama_cpp_stops_on_every_end_token(llama_cpp, tiny):
