@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from medcot.cli import data_parallel_argv
@@ -44,8 +43,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config, tmp_pat
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     w1, w2 = (load_file(out / r / "train" / "adapter" / "adapter_model.safetensors") for r in ("one", "two"))
     assert w1.keys() == w2.keys()
+    # Per tensor, not per weight: Adam's step is about the learning rate whatever the gradient's size, so a weight whose
+    # gradient is near zero moves by another amount when the processes sum it in another order. Measured: at most
+    # 3.6e-7 of a tensor's norm on a 2-core AMD EPYC; on a 16-core Xeon one weight of 512 was off by 2.0e-6 (3.7e-3 of
+    # itself), about 6e-5 of its tensor's norm (0.035 here).
     for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], atol=1e-6, rtol=1e-4)
+        assert (w1[name] - w2[name]).norm() <= 1e-3 * w1[name].norm(), name
     # Rank 0 alone logs: each step's line appears once.
     assert two.stderr.count("step 4/4") == 1
 

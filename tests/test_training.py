@@ -338,7 +338,9 @@ def test_train_job_freezes_the_imports_heap_for_the_set_up_and_thaws_it_for_trai
     assert job.main() == 0
     if setting is None:
         assert seen["load"] > before + 1000
-        assert seen["train"] == 0 and gc.get_freeze_count() == 0
+        # Thawed for train(), and afterwards no more frozen than before. Not 0: Python 3.12's collector moves immortal
+        # objects to the frozen generation at every collection (375 of them on one Python 3.12.3), unfreeze or not.
+        assert seen["train"] == 0 and gc.get_freeze_count() <= max(before, medcot.training.SetupHeap.startup)
     else:
         assert seen["load"] <= before and seen["train"] <= before and gc.get_freeze_count() <= before
 
