@@ -58,10 +58,10 @@ def load(llama_cpp, path: Path, **kwargs):
 @functools.cache
 def loads_in_a_child(path: Path, vocab_only: bool) -> None:
     """Each file is first loaded in a child process: a llama.cpp build that crashes on it fails this test with the
-    signal and llama.cpp's last log lines instead of killing the whole test run. One has: llama-cpp-python 0.3.36 built
-    with Ubuntu 24.04's GCC 13.3 for its Python 3.12.3 died (SIGSEGV) in std::regex compiling the SmolLM2 vocabulary's
-    pre-tokenizer, whatever the instruction set or locale, while llama.cpp's own llama-tokenize, from the same source
-    and compiler, read the same file (docs/development.md)."""
+    signal and llama.cpp's last log lines instead of killing the whole test run. One did, on one Intel machine:
+    llama-cpp-python 0.3.36 built there died (SIGSEGV) in std::regex compiling the SmolLM2 vocabulary's pre-tokenizer,
+    whatever the instruction set or locale, while llama.cpp's own llama-tokenize read the same file there, and a stock
+    Ubuntu 24.04 build of llama-cpp-python reads it (docs/gguf.md)."""
     code = ("import sys, llama_cpp; llama_cpp.Llama(sys.argv[1], n_ctx=512, verbose=True, "
             "vocab_only=sys.argv[2] == '1')")
     done = subprocess.run([sys.executable, "-c", code, str(path), str(int(vocab_only))], capture_output=True,
