@@ -10,6 +10,7 @@
 #     bash bench/remote-tests.sh run OUT [SECONDS]    # there, with .carry/3: the embedded model (30 s), then the suite
 #     bash bench/remote-tests.sh wait OUT [SECONDS]   # there: if `run` returned before the suite ended
 #     bash bench/remote-tests.sh diag OUT             # there, instead of `run`: the failures once seen there, one by one
+#                                                     # (OUT/diag.log)
 # The environment is bench/lockenv.py's: the lock's packages, the machine's own where it has the locked version, the
 # carried wheels for the rest and for the dev extra, without the machine's other packages. Some stay the machine's own
 # (torch, and the large ones that `pack` leaves out, LEAVE_OUT); `run` prints every difference from this checkout's
@@ -161,7 +162,7 @@ case ${1:-} in
   setup) setup ;;
   add) add "${2:?a part number}" ;;
   run) shift; run "$@" ;;
-  diag) shift; diag "$@" ;;
+  diag) shift; diag "$@" 2>&1 | tee "${1:?an output folder}/diag.log" ;;  # the whole log comes back, not a tail
   wait) need setup.done "nothing runs here"; shift; wait_for "$@" ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac
