@@ -40,12 +40,18 @@ print("model: evaluated", flush=True)
 """
 
 
-def load(path: str, build: str | None, first: str, what: str) -> tuple[int, str]:
+def child_env(build: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if build:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [build, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, path, first, what], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return env
+
+
+def load_in_child(path: str, *, build: str | None = None, first: str = "plain", what: str = "model") -> tuple[int, str]:
+    """Load `path` in a child process (`what`: "vocab" or "model"; `first`: "torch" to import torch before): its exit
+    status (negative: the signal that killed it) and its output, stderr last."""
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, str(path), first, what],
+                          env=child_env(build), capture_output=True, text=True, timeout=600)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -53,12 +59,9 @@ def backtrace(path: str, build: str | None, first: str, what: str) -> str:
     gdb = shutil.which("gdb") or shutil.which("cuda-gdb")
     if not gdb:
         return "(no gdb here)"
-    env = dict(os.environ)
-    if build:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [build, env.get("PYTHONPATH")]))
     done = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info registers rip",
                            "-ex", "x/4i $pc", "--args", sys.executable, "-c", CHILD, path, first, what],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=child_env(build), capture_output=True, text=True, timeout=900)
     lines = [line for line in (done.stdout + done.stderr).splitlines()
              if line.startswith(("#", "Thread", "rip", "=>", "   0x", "Program")) or "signal" in line]
     return "\n".join(lines[-70:])
@@ -89,11 +92,11 @@ def main() -> int:
     if args.metadata:
         with open(args.metadata, "w", encoding="utf-8") as f:
             json.dump({os.path.basename(p): metadata(p) for p in args.files}, f, indent=1, default=str)
-    bad = False
+    bad, what = False, "vocab" if args.vocab_only else "model"
     for path in args.files:
         for build in args.build or [None]:
             for first in ("plain", "torch"):
-                rc, log = load(path, build, first, "vocab" if args.vocab_only else "model")
+                rc, log = load_in_child(path, build=build, first=first, what=what)
                 name = f"{os.path.basename(path)} | {build or 'installed build'} | {first}"
                 if rc == 0:
                     print(f"ok      {name}", flush=True)
@@ -103,7 +106,7 @@ def main() -> int:
                 print(f"{'CRASHED' if rc < 0 else 'FAILED '} {name}: {why}; last lines:", flush=True)
                 print("\n".join("    " + line for line in log.splitlines()[-25:]), flush=True)
                 if rc < 0:
-                    print(backtrace(path, build, first, "vocab" if args.vocab_only else "model"), flush=True)
+                    print(backtrace(path, build, first, what), flush=True)
     return 1 if bad else 0
 
 

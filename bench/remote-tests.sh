@@ -55,6 +55,12 @@ site_dir() { "$STATE/env/bin/python" -c "import sysconfig; print(sysconfig.get_p
 
 need() { [ -f "$STATE/$1" ] || { echo "remote-tests: $STATE/$1 is missing: $2" >&2; exit 3; }; }
 
+build_llama() {  # WHEELS SITE: llama-cpp-python built here (CMAKE_ARGS as given) into WHEELS, installed into SITE
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$1" \
+    "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
+  python3 -m pip install -q --no-index --no-deps --target "$2" "$1"/*.whl
+}
+
 setup() {
   rm -rf "$STATE" && mkdir -p "$STATE/whl" "$STATE/cache/wheels" "$STATE/llama"
   local start=$SECONDS
@@ -67,9 +73,7 @@ setup() {
     > "$STATE/env/bin/torchrun" && chmod +x "$STATE/env/bin/torchrun"
   cp .carry/1/llama_cpp_python-*.tar.gz "$STATE/cache/wheels/"
   echo "remote-tests: environment in $((SECONDS - start)) s; building llama-cpp-python for this CPU"
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$STATE/llama" \
-    "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
-  python3 -m pip install -q --no-index --no-deps --target "$site" "$STATE"/llama/*.whl
+  build_llama "$STATE/llama" "$site"
   echo "remote-tests: set up in $((SECONDS - start)) s"
   touch "$STATE/setup.done"
 }
@@ -128,7 +132,7 @@ diag() {  # instead of `run`, with .carry/3: the failures seen on an Intel machi
   MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES "$py" -m pytest -rfE --tb=long -p no:cacheprovider \
     -p bench.xdist_cores -n 1 -m 'not gpu and not container' -k freezes_the_imports_heap tests || true
   echo "== llama.cpp on the demo model's vocabulary written on another machine, then on the demo model exported here"
-  local gguf=() site
+  local gguf=()
   [ ! -f .carry/3/demo-vocab.gguf ] || "$py" bench/llama_load_check.py --vocab-only .carry/3/demo-vocab.gguf || true
   "$py" -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from test_export_llamacpp import \
     trained_demo; trained_demo(Path(sys.argv[1]))" "$STATE/demo" > "$out/demo-build.log" 2>&1 || tail -n 30 "$out/demo-build.log"
@@ -139,10 +143,8 @@ diag() {  # instead of `run`, with .carry/3: the failures seen on an Intel machi
     -k 'reads_the_evaluate_jobs_prompts' 2>&1 | tail -n 60 || true
   echo "== the same with llama.cpp built for AVX2 only (GGML_NATIVE off: no AVX-512, no AMX)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$STATE/llama-avx2" \
-    "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
-  site=$STATE/llama-avx2/site && python3 -m pip install -q --no-index --no-deps --target "$site" "$STATE"/llama-avx2/*.whl
-  "$py" bench/llama_load_check.py "${gguf[@]}" --build "$site" || true
+    build_llama "$STATE/llama-avx2" "$STATE/llama-avx2/site"
+  "$py" bench/llama_load_check.py "${gguf[@]}" --build "$STATE/llama-avx2/site" || true
 }
 
 wait_for() {

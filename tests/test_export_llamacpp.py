@@ -34,6 +34,9 @@ from medcot.training import train_stage
 
 from conftest import MCQ_SAMPLE, ROOT, SAMPLE, build_tiny_llama, build_tiny_llama3, llama3_vocab, ollama_fill
 
+sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an installed one
+from bench.llama_load_check import load_in_child  # noqa: E402
+
 pytestmark = pytest.mark.llamacpp
 
 ANSWER_TOKENS = 32  # the greedy tokens compared
@@ -62,13 +65,10 @@ def loads_in_a_child(path: Path, vocab_only: bool) -> None:
     llama-cpp-python 0.3.36 built there died (SIGSEGV) in std::regex compiling the SmolLM2 vocabulary's pre-tokenizer,
     whatever the instruction set or locale, while llama.cpp's own llama-tokenize read the same file there, and a stock
     Ubuntu 24.04 build of llama-cpp-python reads it (docs/gguf.md)."""
-    code = ("import sys, llama_cpp; llama_cpp.Llama(sys.argv[1], n_ctx=512, verbose=True, "
-            "vocab_only=sys.argv[2] == '1')")
-    done = subprocess.run([sys.executable, "-c", code, str(path), str(int(vocab_only))], capture_output=True,
-                          text=True, timeout=300)
-    if done.returncode < 0:
-        tail = "\n".join(done.stderr.splitlines()[-8:])
-        pytest.fail(f"llama-cpp-python crashed ({signal.Signals(-done.returncode).name}) loading {path.name}"
+    rc, log = load_in_child(path, what="vocab" if vocab_only else "model")
+    if rc < 0:
+        tail = "\n".join(log.splitlines()[-8:])
+        pytest.fail(f"llama-cpp-python crashed ({signal.Signals(-rc).name}) loading {path.name}"
                     f"{' (vocabulary only)' if vocab_only else ''}; its last lines:\n{tail}")
 
 
