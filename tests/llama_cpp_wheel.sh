@@ -22,7 +22,10 @@ fi
 if ! compgen -G "$dir/llama_cpp_python-$version-*.whl" >/dev/null; then
   start=$SECONDS
   echo "llama-cpp-python $version: building the wheel once into $dir (minutes)"
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$py" -m pip wheel -q --no-deps -w "$dir" "$sdist"
+  rm -rf "$dir.tmp"
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$py" -m pip wheel -q --no-deps -w "$dir.tmp" "$sdist"
+  bash tests/llama_cpp_linkage.sh "$dir.tmp"/llama_cpp_python-*.whl
+  mv "$dir.tmp"/llama_cpp_python-*.whl "$dir/" && rm -rf "$dir.tmp"
   echo "llama-cpp-python $version: built in $((SECONDS - start)) s"
 fi
 "$(dirname "$py")/uv" pip install -q --python "$py" --find-links "$dir" --only-binary llama-cpp-python -e '.[gguf-check]'

@@ -13,9 +13,11 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import gguf
@@ -32,7 +34,16 @@ from medcot.modeling import select_backend
 from medcot.prompts import answer_end_id, serving_prompt
 from medcot.training import train_stage
 
-from conftest import MCQ_SAMPLE, ROOT, SAMPLE, build_tiny_llama, build_tiny_llama3, llama3_vocab, ollama_fill
+from conftest import (
+    MCQ_SAMPLE,
+    ROOT,
+    SAMPLE,
+    build_tiny_llama,
+    build_tiny_llama3,
+    llama3_vocab,
+    llama_cpp_source,
+    ollama_fill,
+)
 
 sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an installed one
 from bench.llama_load_check import load_in_child  # noqa: E402
@@ -284,6 +295,54 @@ def test_load_check_reads_the_files_metadata_and_reports_a_crash_with_its_signal
     assert crashed.returncode == 1
     assert crashed.stdout.count("CRASHED tiny-Q8_0.gguf") == 2 and "signal SIGSEGV" in crashed.stdout
     assert "initializing tokenizer for type 2" in crashed.stdout
+
+
+def regex_library_wheel(folder: Path, *flags: str) -> Path:
+    """A wheel whose llama_cpp/lib/libllama.so compiles a std::regex, built by this machine's g++ with `flags`."""
+    folder.mkdir(parents=True)
+    (folder / "regex.cpp").write_text('#include <regex>\n'
+                                      'extern "C" bool splits(const char *text) {\n'
+                                      '    return std::regex_search(text, std::regex("[a-zA-Z]+|[0-9]{1,3}|\\\\s+"));\n'
+                                      '}\n')
+    subprocess.run(["g++", "-shared", "-fPIC", *flags, str(folder / "regex.cpp"), "-o", str(folder / "libllama.so")],
+                   check=True)
+    wheel = folder / "llama_cpp_python-0.0-py3-none-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(folder / "libllama.so", "llama_cpp/lib/libllama.so")
+    return wheel
+
+
+@pytest.mark.parametrize("flags", [(), ("-static-libstdc++",)], ids=["shared", "static"])
+def test_a_wheel_whose_llama_cpp_carries_its_own_cpp_runtime_is_refused_with_the_compiler_to_change(tmp_path, flags):
+    wheel = regex_library_wheel(tmp_path / "lib", *flags)
+    done = subprocess.run(["bash", str(ROOT / "tests" / "llama_cpp_linkage.sh"), str(wheel)], capture_output=True,
+                          text=True, env={**os.environ, "CXX": "/opt/gcc/bin/g++"}, timeout=60)
+    if not flags:
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 1
+    assert "links the C++ runtime into llama.cpp statically (compiler: /opt/gcc/bin/g++)" in done.stderr
+    assert "CC=gcc CXX=g++ make test" in done.stderr
+
+
+def test_the_llama_cpp_that_the_tests_load_links_the_systems_cpp_runtime(llama_cpp):
+    done = subprocess.run(["ldd", str(Path(llama_cpp.__file__).parent / "lib" / "libllama.so")], capture_output=True,
+                          text=True, timeout=60)
+    assert "libstdc++.so" in done.stdout, done.stdout
+
+
+def test_crash_probe_loads_a_vocabulary_from_c_and_from_python_every_way(llama_cpp, tiny, tmp_path):
+    vocab = tmp_path / "vocab.gguf"
+    probe = [sys.executable, str(ROOT / "bench" / "llama_crash_probe.py")]
+    subprocess.run([*probe, "--vocab-of", str(merged(tiny)), str(vocab)], check=True, timeout=300)
+    assert gguf.GGUFReader(vocab).fields["tokenizer.ggml.pre"].contents() == \
+        gguf.GGUFReader(gguf_file(tiny, "q8_0")).fields["tokenizer.ggml.pre"].contents()
+    done = subprocess.run([*probe, str(vocab), str(llama_cpp_source())], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    blocks = re.findall(r"^(C driver|Python)[^\n]*: exit (-?\d+)\n((?:    .*\n?)*)", done.stdout, re.MULTILINE)
+    assert len(blocks) == 10 and {exit for _, exit, _ in blocks} == {"0"}, done.stdout
+    tokens = {re.search(r"^    (tokens:.*)$", text, re.MULTILINE).group(1) for _, _, text in blocks}
+    assert len(tokens) == 1 and tokens != {"tokens:"}, tokens  # the same tokens every way
 
 
 def test_the_files_end_token_is_the_trained_one_and_llama_cpp_stops_on_every_end_token(llama_cpp, tiny):
