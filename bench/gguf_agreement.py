@@ -9,7 +9,10 @@ Needs llama-cpp-python (`make test` builds and installs it). Prints one line per
 OUT/gguf-agreement-<date>.json. A comparison counts the questions on which the second side's greedy decoding writes
 the first side's 32 tokens (teacher-forced, as the tests count). The references besides llama.cpp: transformers in
 float32 on the merged float16 weights (the tests' reference); the same with every matrix rounded to Q8_0 by gguf-py
-(blocks of 32 weights and a float16 scale, as in the q8_0 file; activations stay float32); transformers in bf16.
+(blocks of 32 weights and a float16 scale, as in the q8_0 file; activations stay float32), and with every matrix but
+the token embeddings (SmolLM2's output head too); transformers in bf16. And one more GGUF file: llama.cpp's own
+quantizer's q8_0 of the f16 file with the token embeddings and output head kept in f16 (llama-quantize
+--token-embedding-type f16 --output-tensor-type f16), to see whether the head's rounding is what moves the answers.
 """
 
 from __future__ import annotations
@@ -41,16 +44,32 @@ from test_export_llamacpp import (  # noqa: E402
 from bench.demo import cpu_name  # noqa: E402
 
 
-def q8_0_rounded(model) -> None:
-    """Every matrix of `model` replaced by its Q8_0 round trip through gguf-py's own quantizer, in place."""
+def q8_0_rounded(model, keep_embeddings: bool = False) -> None:
+    """Every matrix of `model` (but the token embeddings, with `keep_embeddings`) replaced by its Q8_0 round trip
+    through gguf-py's own quantizer, in place."""
     import gguf
 
+    kept = {id(model.get_input_embeddings().weight)} if keep_embeddings else set()
     with torch.no_grad():
         for param in model.parameters():
-            if param.dim() == 2:
+            if param.dim() == 2 and id(param) not in kept:
                 data = param.detach().float().numpy()
                 quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
                 param.copy_(torch.from_numpy(gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)))
+
+
+def q8_0_with_f16_embeddings(llama_cpp, f16: Path, out: Path) -> Path:
+    """llama.cpp's own Q8_0 of the f16 file with the token embeddings and output head in f16."""
+    import ctypes
+
+    import gguf
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.token_embedding_type = params.output_tensor_type = int(gguf.GGMLQuantizationType.F16)
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {f16}")
+    return out
 
 
 def agreement(model, prompts: list[list[int]], answers: list[list[int]]) -> list[int]:
@@ -77,21 +96,28 @@ def main() -> int:
     reference = transformers_model(folder)
     rounded = transformers_model(folder)
     q8_0_rounded(rounded)
+    rounded_but_embeddings = transformers_model(folder)
+    q8_0_rounded(rounded_but_embeddings, keep_embeddings=True)
     bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         reference_answers = [reference.generate(torch.tensor([p]), max_new_tokens=ANSWER_TOKENS, do_sample=False,
                                                 pad_token_id=tokenizer.eos_token_id)[0, len(p):].tolist()
                              for p in prompts]
     llama_answers = {}
-    for type_name in ("f16", "q8_0"):
-        llm = load(llama_cpp, gguf_file(config, type_name))
+    files = {type_name: gguf_file(config, type_name) for type_name in ("f16", "q8_0")}
+    files["q8_0, f16 embeddings"] = q8_0_with_f16_embeddings(llama_cpp, files["f16"], out / "q8_0-f16-embeddings.gguf")
+    for type_name, path in files.items():
+        llm = load(llama_cpp, path)
         llama_answers[type_name] = [llama_greedy(llama_cpp, llm, p, ANSWER_TOKENS) for p in prompts]
         llm.close()
 
     comparisons = [
         ("llama.cpp f16", "transformers float32", llama_answers["f16"], reference),
         ("llama.cpp q8_0", "transformers float32", llama_answers["q8_0"], reference),
+        ("llama.cpp q8_0, f16 embeddings", "transformers float32", llama_answers["q8_0, f16 embeddings"], reference),
         ("transformers float32", "transformers on Q8_0-rounded weights", reference_answers, rounded),
+        ("transformers float32", "transformers on Q8_0-rounded weights but the embeddings", reference_answers,
+         rounded_but_embeddings),
         ("transformers float32", "transformers bf16", reference_answers, bf16),
         ("llama.cpp q8_0", "transformers on Q8_0-rounded weights", llama_answers["q8_0"], rounded),
     ]
@@ -101,14 +127,14 @@ def main() -> int:
         agreed = agreement(model, prompts, answers)
         same = sum(a == len(answer) for a, answer in zip(agreed, answers, strict=True))
         rows.append({"answers_of": first, "decoded_by": second, "same": same, "of": len(prompts), "agreed_tokens": agreed})
-        print(f"  {first:<22} written by {second:<38} {same:>2} of {len(prompts)}  (tokens agreed: {agreed})")
+        print(f"  {first:<30} written by {second:<55} {same:>2} of {len(prompts)}  (tokens agreed: {agreed})")
 
     import transformers
 
     result = {"date": dt.date.today().isoformat(), "script": "bench/gguf_agreement.py", "steps": args.steps,
               "trained_dtype": trained_dtype, "machine": cpu_name(),
               "llama_cpp_python": llama_cpp.__version__, "transformers": transformers.__version__,
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "file_bytes": {k: v.stat().st_size for k, v in files.items()}, "rows": rows}
     path = out / f"gguf-agreement-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"results: {path}")
