@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -73,7 +74,7 @@ VARIANTS = {  # name: (extra environment, shell prefix)
 
 
 def run(command: list[str], env: dict[str, str], prefix: str) -> tuple[int, str]:
-    line = prefix + " ".join(f"'{c}'" for c in command)
+    line = prefix + shlex.join(command)
     done = subprocess.run(["bash", "-c", line], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     lines = [x for x in done.stdout.splitlines() if x.strip()]
     if done.returncode:  # llama.cpp's log, on stderr, only for a load that failed: its last lines
