@@ -83,8 +83,10 @@ def test_every_committed_results_file_feeds_a_table_and_superseded_ones_are_in_h
 
 
 def test_results_are_read_by_date_whatever_the_order_given():
-    names = [p.name for p in load_parts(reversed(CURRENT))]
-    assert names == sorted(names) and names[0].startswith("bench/results/2026-12-01") and "2026-12-03" in names[-1]
+    parts = load_parts(reversed(CURRENT))
+    names = [p.name for p in parts]
+    assert names == sorted(names) == [p.name for p in load_parts(CURRENT)]
+    assert [p.date for p in parts] == sorted(p.date for p in parts) and names[0].startswith("bench/results/2026-12-01")
 
 
 def test_the_page_opens_with_each_topics_current_figure_and_its_date():
