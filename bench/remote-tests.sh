@@ -27,6 +27,8 @@ LEAVE_OUT='^(pyarrow|scipy|numpy|pandas|pillow|fonttools|lxml|contourpy|hf-xet|r
 
 pack() {  # here: the wheels for Python 3.12 of every package in .venv that the machine lacks or has at another version
   local freeze=${1:-$PWD/bench/device-freeze.txt} tmp
+  [ -f .venv/.installed-gguf-check ] || { echo "pack: run \`make test\` first: it installs the llama.cpp tests'" \
+    "packages (the gguf-check extra), which the copies carry" >&2; exit 1; }
   tmp=$(mktemp -d)
   rm -rf .carry && mkdir -p .carry/1 .carry/2 .carry/3 "$tmp/whl"
   .venv/bin/python -m pip freeze --exclude-editable > .carry/1/here.freeze
