@@ -461,10 +461,12 @@ def test_demo_model_f16_answers_agree_with_transformers_and_stop_where_it_stops(
 
 @pytest.mark.slow
 def test_demo_model_q8_0_answers_agree_with_transformers_on_their_first_32_tokens(llama_cpp, demo):
-    """Measured 6 of 10 on the model trained in fp32 and in bf16 (3 of 10 after 12 training steps instead of 24).
-    q8_0 moves the logits of this 135M model by more than its greedy margins on some tokens: transformers itself on
-    the Q8_0-rounded weights writes its own float32 answers on only 7 of 10 (bench/gguf_agreement.py); the file is what
-    llama.cpp's own quantizer writes, and its held-out perplexity is 0.5-0.7% above f16's (the tests above and below)."""
+    """Measured 6 of 10 on AMD EPYC VMs, the model trained in fp32 and in bf16 (3 of 10 after 12 training steps
+    instead of 24), and 5 of 10 on an Intel Xeon with AMX. q8_0 moves the logits of this 135M model by more than its
+    greedy margins on some tokens: transformers itself on the Q8_0-rounded weights writes its own float32 answers on
+    only 7 (AMD) or 8 (Intel) of 10 (bench/gguf_agreement.py), and llama.cpp also rounds the activations to 8 bits;
+    the file is what llama.cpp's own quantizer writes, and its held-out perplexity is 0.5-0.7% above f16's (the tests
+    above and below). The target, 7 of 10, is not reached; this bound catches a file that is wrong, not just rounded."""
     answers = demo_answers(llama_cpp, demo, "q8_0", ANSWER_TOKENS)
     print(f"q8_0 answers that agree with transformers: {answers}")
     assert sum(agreed == n and (n == ANSWER_TOKENS or ended) for n, agreed, ended in answers) >= 5
