@@ -42,20 +42,17 @@ from test_export_llamacpp import (  # noqa: E402
 )
 
 from bench.demo import cpu_name  # noqa: E402
+from bench.q8_0_rounding import q8_0_weights  # noqa: E402
 
 
 def q8_0_rounded(model, keep_embeddings: bool = False) -> None:
     """Every matrix of `model` (but the token embeddings, with `keep_embeddings`) replaced by its Q8_0 round trip
     through gguf-py's own quantizer, in place."""
-    import gguf
-
     kept = {id(model.get_input_embeddings().weight)} if keep_embeddings else set()
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 2 and id(param) not in kept:
-                data = param.detach().float().numpy()
-                quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-                param.copy_(torch.from_numpy(gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)))
+                param.copy_(q8_0_weights(param))
 
 
 def q8_0_with_f16_embeddings(llama_cpp, f16: Path, out: Path) -> Path:

@@ -52,7 +52,7 @@ from test_export_llamacpp import (  # noqa: E402
 
 from bench.demo import cpu_name  # noqa: E402
 from medcot.export import GgufModel, write_gguf  # noqa: E402
-from medcot.prompts import answer_end_id, serving_prompt  # noqa: E402
+from medcot.prompts import TRAIN_TEMPLATE, answer_end_id, serving_prompt  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample" / "medical_o1_sample.jsonl"
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -176,8 +176,8 @@ def main() -> int:
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     prompts = [tokenizer(p)["input_ids"] for p in evaluate_prompts(config, tokenizer, "recipe")]
     prompts += [tokenizer(serving_prompt("recipe", tokenizer, r["Question"]))["input_ids"] for r in rows[60:110]]
-    calibration = [tokenizer(serving_prompt("recipe", tokenizer, r["Question"]) + "<think>\n" + r["Complex_CoT"]
-                             + "\n</think>\n" + r["Response"])["input_ids"][:1024] for r in rows[:24]]
+    calibration = [tokenizer(TRAIN_TEMPLATE.format(r["Question"], r["Complex_CoT"], r["Response"]))["input_ids"][:1024]
+                   for r in rows[:24]]
 
     reference_model = transformers_model(folder)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def main() -> int:
     report("simulated: both (q8_0)", logits_of(simulated(transformers_model(folder), everything)))
     for kind in KINDS:
         report(f"simulated: both, {kind} only", logits_of(simulated(transformers_model(folder), lambda n, k=kind: k in n)))
-    stats = input_absmax(transformers_model(folder), calibration)
+    stats = input_absmax(reference_model, calibration)
     smooth = smoothed(transformers_model(folder), stats, args.alpha)
     exact = (logits_of(smooth)[0] - reference[0]).abs().max().item()
     smooth_folder = out / f"smoothquant-{args.alpha}"
