@@ -2,7 +2,7 @@
 (trained as bench/gguf_agreement.py trains it), the tests' 10 evaluate-job questions and 50 more from the bundled
 sample, first 32 greedy tokens of transformers in float32 on the merged weights.
 
-    .venv/bin/python bench/q8_0_rounding.py --out /tmp/q8_0-rounding          # ~16 minutes on 2 cores
+    .venv/bin/python bench/q8_0_rounding.py --out /tmp/q8_0-rounding          # ~21 minutes on 2 cores
 
 Each row decodes along transformers' greedy answers (teacher-forced) and prints: on how many questions it writes all
 32 tokens as transformers does, the share of tokens whose top-1 is transformers', and the mean KL divergence per token
@@ -16,7 +16,11 @@ from transformers' next-token distribution. The rows:
 - both on the model after a SmoothQuant-style equivalence transform (Xiao et al., 2022): each matrix's input channels
   scaled by s = max|x|^a / max|w|^(1-a), from the activations of 24 other sample rows, folded into the norm or matrix
   before it (exact in float32), which moves rounding from the activations to the weights; simulated, and in
-  llama.cpp on that model's q8_0 file.
+  llama.cpp on that model's q8_0 file;
+- both on the model after an offline rotation as QuaRot's (Ashkboos et al., 2024): the norms folded into the matrices
+  after them, the residual stream turned by a randomised Hadamard matrix and each head's values by a Hadamard matrix
+  (exact in float32; the head is untied from the embeddings), which spreads an activation's outlier channels over all
+  of them; simulated, and in llama.cpp on that model's q8_0 file, batched and token by token.
 Writes OUT/q8_0-rounding-<date>.json.
 """
 
@@ -145,6 +149,63 @@ def smoothed(model, stats: dict[str, torch.Tensor], alpha: float):
     return model
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """An orthonormal Hadamard matrix of order n, in float64: Sylvester's for a power of two, and for n = 12^k * 2^m
+    (SmolLM2's 576 = 12 * 12 * 4) a Kronecker product with Paley's of order 12."""
+    def paley12() -> np.ndarray:  # Paley's construction I for q = 11: I + [[0, 1], [-1, Jacobsthal matrix]]
+        q = 11
+        chi = [0] + [1 if pow(i, (q - 1) // 2, q) == 1 else -1 for i in range(1, q)]
+        s = np.zeros((q + 1, q + 1))
+        s[0, 1:], s[1:, 0] = 1, -1
+        s[1:, 1:] = [[chi[(j - i) % q] for j in range(q)] for i in range(q)]
+        return np.eye(q + 1) + s
+
+    h, rest = np.ones((1, 1)), n
+    while rest % 12 == 0:
+        h, rest = np.kron(h, paley12()), rest // 12
+    if rest & (rest - 1):
+        raise ValueError(f"no Hadamard matrix of order {n} here: n must be 12^k * 2^m")
+    while rest > 1:
+        h, rest = np.block([[h, h], [h, -h]]), rest // 2
+    return torch.from_numpy(h / np.sqrt(n))
+
+
+def rotated(model, seed: int = 0):
+    """QuaRot's offline rotation, in place, which llama.cpp runs as a plain Llama: each RMSNorm's weight folded into the
+    matrices it feeds (then 1), the residual stream x turned into x Q with Q = diag(random signs) H, so the
+    embeddings and every matrix that reads the stream take Q on their input side and o_proj and down_proj on their
+    output side; each key-value head's values turned by a Hadamard matrix, undone by o_proj's columns. The output head
+    is untied: it takes the final norm and Q, the embeddings only Q. Computed in float64."""
+    config = model.config
+    hidden, head_dim = config.hidden_size, config.hidden_size // config.num_attention_heads
+    signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    q, h = signs[:, None] * hadamard(hidden), hadamard(head_dim)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+    def set_(module, weight: torch.Tensor) -> None:
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+    def fold(norm, matrices) -> None:
+        for m in matrices:
+            set_(m, m.weight.double() * norm.weight.double() @ q)
+        norm.weight.fill_(1.0)
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            fold(layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj))
+            fold(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+            set_(mlp.down_proj, q.T @ mlp.down_proj.weight.double())
+            v = attention.v_proj.weight.double().view(-1, head_dim, hidden)
+            set_(attention.v_proj, (h.T @ v).reshape(-1, hidden))
+            o = attention.o_proj.weight.double().view(hidden, -1, head_dim)
+            set_(attention.o_proj, q.T @ (o @ h).reshape(hidden, -1))
+        fold(model.model.norm, (model.lm_head,))
+        set_(model.model.embed_tokens, model.model.embed_tokens.weight.double() @ q)
+    return model
+
+
 def compare(logits: list[torch.Tensor], reference: list[torch.Tensor], answers: list[list[int]]) -> dict:
     """Whole answers written as transformers writes them, top-1 share and KL per token, from per-answer logits."""
     whole, top, kl, tokens = 0, 0, 0.0, 0
@@ -215,17 +276,31 @@ def main() -> int:
     for type_name in ("f16", "q8_0"):
         report(f"llama.cpp {type_name}", llama_logits(gguf_file(config, type_name)))
     # As the tests count: llama.cpp's own greedy answer, token by token, and whether transformers writes it.
-    llm = load(llama_cpp, gguf_file(config, "q8_0"))
     end = answer_end_id("recipe", tokenizer)
-    whole = []
-    for p in prompts:
-        answer = llama_greedy(llama_cpp, llm, p, ANSWER_TOKENS)
-        agreed = transformers_agrees(reference_model, p, answer)
-        whole.append(agreed == len(answer) and (len(answer) == ANSWER_TOKENS or answer[-1] == end))
-    llm.close()
-    results.append({"label": "llama.cpp q8_0, its greedy answers token by token", "whole_of_10": sum(whole[:10]),
-                    "whole": sum(whole)})
-    print(f"  {results[-1]['label']:<44} {sum(whole[:10]):>2}/10 {sum(whole):>3}/{len(prompts)}", flush=True)
+
+    def greedy_whole(label: str, path: Path) -> None:
+        llm = load(llama_cpp, path)
+        whole = []
+        for p in prompts:
+            answer = llama_greedy(llama_cpp, llm, p, ANSWER_TOKENS)
+            agreed = transformers_agrees(reference_model, p, answer)
+            whole.append(agreed == len(answer) and (len(answer) == ANSWER_TOKENS or answer[-1] == end))
+        llm.close()
+        results.append({"label": label, "whole_of_10": sum(whole[:10]), "whole": sum(whole)})
+        print(f"  {label:<44} {sum(whole[:10]):>2}/10 {sum(whole):>3}/{len(prompts)}", flush=True)
+
+    def q8_0_file(model, name: str) -> Path:
+        """`model` saved in float32 beside the merged folder's tokenizer files, exported as q8_0 (its only rounding)."""
+        saved = out / name
+        model.save_pretrained(saved)
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+                shutil.copy(f, saved / f.name)
+        path = out / f"{name}-Q8_0.gguf"
+        write_gguf(GgufModel.read(saved, "recipe"), "q8_0", path, workers=2, name=name)
+        return path
+
+    greedy_whole("llama.cpp q8_0, its greedy answers token by token", gguf_file(config, "q8_0"))
 
     everything = lambda _name: True  # noqa: E731
     report("simulated: weights", logits_of(simulated(transformers_model(folder), everything, activations=False)))
@@ -236,22 +311,28 @@ def main() -> int:
     stats = input_absmax(reference_model, calibration)
     smooth = smoothed(transformers_model(folder), stats, args.alpha)
     exact = (logits_of(smooth)[0] - reference[0]).abs().max().item()
-    smooth_folder = out / f"smoothquant-{args.alpha}"
-    smooth.save_pretrained(smooth_folder)  # float32: the q8_0 file is its only rounding
-    for f in folder.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(f, smooth_folder / f.name)
-    smooth_file = out / f"smoothquant-{args.alpha}-Q8_0.gguf"
-    write_gguf(GgufModel.read(smooth_folder, "recipe"), "q8_0", smooth_file, workers=2, name="smoothquant")
+    smooth_file = q8_0_file(smooth, f"smoothquant-{args.alpha}")
     report(f"llama.cpp q8_0 after SmoothQuant a={args.alpha}", llama_logits(smooth_file))
     report(f"simulated: both, after SmoothQuant a={args.alpha}", logits_of(simulated(smooth, everything)))
     print(f"  (the transform alone moves the first answer's logits by at most {exact:.1e})")
+    rotation = rotated(transformers_model(folder))
+    rotation_exact = (logits_of(rotation)[0] - reference[0]).abs().max().item()
+    rotation_file = q8_0_file(rotation, "rotated")
+    report("llama.cpp q8_0 after the rotation", llama_logits(rotation_file))
+    greedy_whole("llama.cpp q8_0 after the rotation, token by token", rotation_file)
+    report("simulated: both, after the rotation", logits_of(simulated(rotation, everything)))
+    report("simulated: weights, after the rotation", logits_of(simulated(rotated(transformers_model(folder)), everything,
+                                                                         activations=False)))
+    report("simulated: activations, after the rotation", logits_of(simulated(rotated(transformers_model(folder)),
+                                                                             everything, weights=False)))
+    print(f"  (the rotation alone moves the first answer's logits by at most {rotation_exact:.1e})")
 
     import transformers
 
     result = {"date": dt.date.today().isoformat(), "script": "bench/q8_0_rounding.py", "steps": args.steps,
               "machine": cpu_name(), "questions": len(prompts), "answer_tokens": ANSWER_TOKENS, "alpha": args.alpha,
-              "smoothquant_max_logit_change": exact, "llama_cpp_python": llama_cpp.__version__,
+              "smoothquant_max_logit_change": exact,
+              "rotation_max_logit_change": rotation_exact, "llama_cpp_python": llama_cpp.__version__,
               "transformers": transformers.__version__, "torch": torch.__version__, "rows": results}
     path = out / f"q8_0-rounding-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))

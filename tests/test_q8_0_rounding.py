@@ -1,4 +1,4 @@
-"""bench/q8_0_rounding.py's simulation of llama.cpp's q8_0 and its SmoothQuant transform, on a tiny random Llama with
+"""bench/q8_0_rounding.py's simulation of llama.cpp's q8_0 and its SmoothQuant and rotation transforms, on a tiny random Llama with
 grouped-query attention and a tied head (as SmolLM2's): each does what the benchmark's figures say it does."""
 
 import sys
@@ -12,7 +12,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a package of the repository, not an installed one
 
-from bench.q8_0_rounding import input_absmax, q8_0_activations, q8_0_weights, simulated, smoothed  # noqa: E402
+from bench.q8_0_rounding import (  # noqa: E402
+    hadamard,
+    input_absmax,
+    q8_0_activations,
+    q8_0_weights,
+    rotated,
+    simulated,
+    smoothed,
+)
 
 
 def tiny_gqa_llama():
@@ -26,6 +34,7 @@ def tiny_gqa_llama():
         for layer in model.model.layers:
             layer.input_layernorm.weight.uniform_(0.5, 2.0)
             layer.input_layernorm.weight[7] = 20.0
+        model.model.norm.weight.uniform_(0.5, 2.0)
     return model
 
 
@@ -94,3 +103,52 @@ def test_rounding_the_tied_head_rounds_the_embeddings_it_is_stored_with():
     assert torch.equal(model.lm_head.weight, expected)
     assert torch.equal(model.model.embed_tokens.weight, expected)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("n", [1, 16, 12, 48, 576])
+def test_hadamard_matrices_are_orthonormal_with_entries_of_one_magnitude(n):
+    h = hadamard(n)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64))
+    torch.testing.assert_close(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+
+
+def test_hadamard_refuses_an_order_it_cannot_build():
+    with pytest.raises(ValueError, match="order 36"):
+        hadamard(36)
+
+
+def q_proj_inputs(model) -> torch.Tensor:
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    logits(model, TEXTS[0])
+    hook.remove()
+    return seen[0]
+
+
+def test_rotation_folds_the_norms_unties_the_head_and_leaves_the_logits():
+    model, reference = tiny_gqa_llama(), tiny_gqa_llama()
+    rotated(model)
+    assert not model.config.tie_word_embeddings
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert not torch.allclose(p, reference.state_dict()[name]), name
+    for ids in TEXTS:
+        torch.testing.assert_close(logits(model, ids), logits(reference, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_rotation_spreads_the_outlier_channel_that_8_bit_activations_round_badly():
+    model, reference = tiny_gqa_llama(), tiny_gqa_llama()
+    with torch.no_grad():  # an outlier channel in the residual stream itself, not only in a norm's weight
+        for m in (model, reference):
+            m.model.embed_tokens.weight[:, 11] *= 30
+    rotated(model)
+
+    def rounding_error(x: torch.Tensor) -> float:
+        return float((q8_0_activations(x) - x).norm() / x.norm())
+
+    before, after = rounding_error(q_proj_inputs(reference)), rounding_error(q_proj_inputs(model))
+    print(f"q_proj's input, 8-bit rounding error: {before:.5f} before the rotation, {after:.5f} after")
+    assert after < 0.6 * before
