@@ -42,17 +42,13 @@ from test_export_llamacpp import (  # noqa: E402
 )
 
 from bench.demo import cpu_name  # noqa: E402
-from bench.q8_0_rounding import q8_0_weights  # noqa: E402
+from bench.q8_0_rounding import simulated  # noqa: E402
 
 
-def q8_0_rounded(model, keep_embeddings: bool = False) -> None:
-    """Every matrix of `model` (but the token embeddings, with `keep_embeddings`) replaced by its Q8_0 round trip
-    through gguf-py's own quantizer, in place."""
-    kept = {id(model.get_input_embeddings().weight)} if keep_embeddings else set()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2 and id(param) not in kept:
-                param.copy_(q8_0_weights(param))
+def q8_0_rounded(model, keep_embeddings: bool = False):
+    """`model` with every matrix (but the tied embeddings and head, with `keep_embeddings`) replaced by what the q8_0
+    file holds of it, in place: bench/q8_0_rounding.py's simulation with the weights' rounding alone."""
+    return simulated(model, lambda name: not (keep_embeddings and name == "lm_head"), activations=False)
 
 
 def q8_0_with_f16_embeddings(llama_cpp, f16: Path, out: Path) -> Path:

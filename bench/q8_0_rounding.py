@@ -27,6 +27,7 @@ Writes OUT/q8_0-rounding-<date>.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import shutil
@@ -46,11 +47,10 @@ from test_export_llamacpp import (  # noqa: E402
     ANSWER_TOKENS,
     evaluate_prompts,
     gguf_file,
-    llama_greedy,
+    llama_answers_agreed,
     load,
     merged,
     trained_demo,
-    transformers_agrees,
     transformers_model,
 )
 
@@ -280,12 +280,9 @@ def main() -> int:
 
     def greedy_whole(label: str, path: Path) -> None:
         llm = load(llama_cpp, path)
-        whole = []
-        for p in prompts:
-            answer = llama_greedy(llama_cpp, llm, p, ANSWER_TOKENS)
-            agreed = transformers_agrees(reference_model, p, answer)
-            whole.append(agreed == len(answer) and (len(answer) == ANSWER_TOKENS or answer[-1] == end))
+        answers_agreed = llama_answers_agreed(llama_cpp, llm, reference_model, prompts, end, ANSWER_TOKENS)
         llm.close()
+        whole = [agreed == n and (n == ANSWER_TOKENS or ended) for n, agreed, ended in answers_agreed]
         results.append({"label": label, "whole_of_10": sum(whole[:10]), "whole": sum(whole)})
         print(f"  {label:<44} {sum(whole[:10]):>2}/10 {sum(whole):>3}/{len(prompts)}", flush=True)
 
@@ -316,15 +313,15 @@ def main() -> int:
     report(f"simulated: both, after SmoothQuant a={args.alpha}", logits_of(simulated(smooth, everything)))
     print(f"  (the transform alone moves the first answer's logits by at most {exact:.1e})")
     rotation = rotated(transformers_model(folder))
+    rotated_weights, rotated_activations = copy.deepcopy(rotation), copy.deepcopy(rotation)
     rotation_exact = (logits_of(rotation)[0] - reference[0]).abs().max().item()
     rotation_file = q8_0_file(rotation, "rotated")
     report("llama.cpp q8_0 after the rotation", llama_logits(rotation_file))
     greedy_whole("llama.cpp q8_0 after the rotation, token by token", rotation_file)
     report("simulated: both, after the rotation", logits_of(simulated(rotation, everything)))
-    report("simulated: weights, after the rotation", logits_of(simulated(rotated(transformers_model(folder)), everything,
-                                                                         activations=False)))
-    report("simulated: activations, after the rotation", logits_of(simulated(rotated(transformers_model(folder)),
-                                                                             everything, weights=False)))
+    report("simulated: weights, after the rotation", logits_of(simulated(rotated_weights, everything, activations=False)))
+    report("simulated: activations, after the rotation", logits_of(simulated(rotated_activations, everything,
+                                                                             weights=False)))
     print(f"  (the rotation alone moves the first answer's logits by at most {rotation_exact:.1e})")
 
     import transformers

@@ -437,10 +437,16 @@ def demo_answers(llama_cpp, demo, type_name: str, limit: int) -> list[tuple[int,
     tokenizer = AutoTokenizer.from_pretrained(merged(demo))
     model = transformers_model(merged(demo))
     llm = load(llama_cpp, gguf_file(demo, type_name))
-    end = answer_end_id("recipe", tokenizer)
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in evaluate_prompts(demo, tokenizer, "recipe")]
+    return llama_answers_agreed(llama_cpp, llm, model, prompts, answer_end_id("recipe", tokenizer), limit)
+
+
+def llama_answers_agreed(llama_cpp, llm, model, prompts: list[list[int]], end: int,
+                         limit: int) -> list[tuple[int, int, bool]]:
+    """Per prompt: (tokens of llama.cpp's greedy answer, how many transformers `model` agrees with, whether it ended on
+    `end`). bench/q8_0_rounding.py counts its answers with it too."""
     out = []
-    for prompt in evaluate_prompts(demo, tokenizer, "recipe"):
-        ids = tokenizer(prompt)["input_ids"]
+    for ids in prompts:
         answer = llama_greedy(llama_cpp, llm, ids, limit)
         out.append((len(answer), transformers_agrees(model, ids, answer), answer[-1] == end))
     return out
